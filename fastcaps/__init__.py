@@ -1,0 +1,36 @@
+"""fastcaps: capsule-network routing without materializing u_hat.
+
+    import fastcaps
+    caps = fastcaps.DigitCaps(in_caps=1152, in_dim=8, out_caps=10, out_dim=16)
+    v = caps(u)                                   # (B, 10, 16)
+    fastcaps.available_backends("cpu")            # ['reference', 'torch', ...]
+"""
+
+from . import _extension  # noqa: F401  (loads the C++ kernels, or warns once)
+from . import functional, nn, ops, reference
+from .backends import BACKENDS, available_backends
+from .functional import dynamic_routing, margin_loss, reconstruction_loss, squash
+from .nn import CapsNet, CapsNetOutput, CapsuleLoss, Decoder, DigitCaps, MarginLoss, PrimaryCaps, convert_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "dynamic_routing",
+    "squash",
+    "margin_loss",
+    "reconstruction_loss",
+    "DigitCaps",
+    "PrimaryCaps",
+    "Decoder",
+    "CapsNet",
+    "CapsNetOutput",
+    "MarginLoss",
+    "CapsuleLoss",
+    "convert_weight",
+    "functional",
+    "nn",
+    "ops",
+    "reference",
+]

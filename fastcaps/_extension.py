@@ -1,0 +1,46 @@
+"""Load the C++ extension once, at import, without ever compiling it here.
+
+If it is missing (a source checkout that was not installed) or stale (built against
+another torch), fastcaps still imports and the pure-PyTorch backends work; one warning
+says why and how to rebuild. ``status()`` returns that diagnosis for error messages.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+REBUILD = "pip install --no-build-isolation -e .  (in the fastcaps source tree)"
+
+_problem: Optional[str] = None
+
+
+def _load() -> Optional[str]:
+    """Import fastcaps._C; return None if it works, else what is wrong with it."""
+    try:
+        from . import _C  # noqa: F401  (registers the C++ kernels)
+    except ImportError as error:
+        # An undefined symbol here almost always means the build is for another torch.
+        return f"the C++ extension fastcaps._C could not be loaded ({error})"
+    built = torch.ops.fastcaps._built_with_torch()
+    running = torch.__version__.split("+")[0]
+    if built != running:
+        return f"the C++ extension fastcaps._C was built against torch {built}, but torch {running} is running"
+    return None
+
+
+def status() -> Optional[str]:
+    """None if the extension is loaded and current, else the reason it is not usable."""
+    return _problem
+
+
+_problem = _load()
+if _problem is not None:
+    warnings.warn(
+        f"fastcaps: {_problem}. The C++ kernels are unavailable; the 'reference' and "
+        f"'torch' backends still work. Rebuild with: {REBUILD}",
+        RuntimeWarning,
+        stacklevel=2,
+    )

@@ -1,0 +1,60 @@
+"""Which routing backend runs where, and how ``backend="auto"`` chooses.
+
+- "reference": ``fastcaps.reference``, the paper's loop with autograd; any device, any dtype.
+- "torch": the routing op's vectorized PyTorch kernel (DESIGN.md sections 2-3); any device.
+
+``"auto"`` takes the FASTCAPS_BACKEND environment variable if it is set, else the fastest
+kernel for the tensor's device. Forcing a backend that cannot run raises; nothing falls
+back silently.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Union
+
+import torch
+
+__all__ = ["BACKENDS", "available_backends", "resolve_backend"]
+
+BACKENDS = ("reference", "torch")
+
+# Fastest first; "auto" takes the first one that can run on the device.
+_AUTO_ORDER = ("torch",)
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device``, or None if it can."""
+    if backend in ("reference", "torch"):
+        return None
+    raise AssertionError(f"no availability rule for backend {backend!r}")
+
+
+def available_backends(device: Union[str, torch.device, None] = None) -> List[str]:
+    """The backends that can run on ``device`` (default: CPU), in the order of BACKENDS."""
+    device = torch.device("cpu" if device is None else device)
+    return [name for name in BACKENDS if _unavailable_reason(name, device) is None]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for a call on ``device``: "auto" resolved, a forced one checked."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("FASTCAPS_BACKEND", "auto") or "auto"
+        if backend == "auto":
+            return next(
+                name for name in _AUTO_ORDER if _unavailable_reason(name, device) is None
+            )
+        source = "FASTCAPS_BACKEND"
+    else:
+        source = "backend"
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"{source}={backend!r} is not a fastcaps backend; expected 'auto' or one of "
+            f"{', '.join(repr(b) for b in BACKENDS)}"
+        )
+    reason = _unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"{source}={backend!r} cannot run on {device}: {reason}")
+    return backend

@@ -1,0 +1,105 @@
+"""The routing custom ops: ``fastcaps::routing`` and its backward ``fastcaps::routing_backward``.
+
+One schema, one fake implementation (for torch.compile and meta tensors), one autograd
+registration; the ``backend`` argument picks the kernel, from ``KERNELS``. Callers resolve
+"auto" before calling (``fastcaps.functional.dynamic_routing`` does), so the op always
+receives a concrete kernel name, and the backward runs the same kernel family as the
+forward.
+
+    routing(u, weight, bias?, iterations, detach, backend) -> (v, s)
+        u (B, I, Din), weight (J, I, D, Din), bias (J, D) or None
+        v (B, J, D) in u's dtype; s (B, r, J, D), each iteration's pre-squash sum, in the
+        compute dtype (float32 for half inputs). s is saved for the backward and is not
+        differentiable.
+    routing_backward(grad_v, u, weight, bias?, s, iterations, detach, backend)
+        -> (grad_u, grad_weight, grad_bias); grad_bias is (J, D) even without a bias.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _routing_torch
+from ._validation import compute_dtype
+
+
+class Kernels(NamedTuple):
+    forward: Callable[..., Tuple[Tensor, Tensor]]
+    backward: Callable[..., Tuple[Tensor, Tensor, Tensor]]
+
+
+KERNELS: Dict[str, Kernels] = {
+    "torch": Kernels(_routing_torch.routing_forward, _routing_torch.routing_backward),
+}
+
+
+def _kernels(backend: str) -> Kernels:
+    try:
+        return KERNELS[backend]
+    except KeyError:
+        raise ValueError(
+            f"fastcaps::routing: backend={backend!r} has no kernel; expected one of "
+            f"{', '.join(repr(name) for name in KERNELS)}"
+        ) from None
+
+
+@torch.library.custom_op("fastcaps::routing", mutates_args=())
+def routing(
+    u: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    iterations: int,
+    detach: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    return _kernels(backend).forward(u, weight, bias, iterations, detach)
+
+
+@routing.register_fake
+def _routing_fake(u, weight, bias, iterations, detach, backend):
+    out_caps, _, out_dim, _ = weight.shape
+    v = u.new_empty(u.shape[0], out_caps, out_dim)
+    s = u.new_empty(u.shape[0], iterations, out_caps, out_dim, dtype=compute_dtype(u.dtype))
+    return v, s
+
+
+@torch.library.custom_op("fastcaps::routing_backward", mutates_args=())
+def routing_backward(
+    grad_v: Tensor,
+    u: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    s: Tensor,
+    iterations: int,
+    detach: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return _kernels(backend).backward(grad_v, u, weight, bias, s, iterations, detach)
+
+
+@routing_backward.register_fake
+def _routing_backward_fake(grad_v, u, weight, bias, s, iterations, detach, backend):
+    out_caps, _, out_dim, _ = weight.shape
+    return torch.empty_like(u), torch.empty_like(weight), weight.new_empty(out_caps, out_dim)
+
+
+def _setup_context(ctx, inputs, output):
+    u, weight, bias, iterations, detach, backend = inputs
+    _, s = output
+    ctx.mark_non_differentiable(s)
+    ctx.save_for_backward(u, weight, bias, s)
+    ctx.iterations, ctx.detach, ctx.backend = iterations, detach, backend
+
+
+def _backward(ctx, grad_v, _grad_s):
+    u, weight, bias, s = ctx.saved_tensors
+    grad_u, grad_weight, grad_bias = torch.ops.fastcaps.routing_backward(
+        grad_v, u, weight, bias, s, ctx.iterations, ctx.detach, ctx.backend
+    )
+    return grad_u, grad_weight, (None if bias is None else grad_bias), None, None, None
+
+
+routing.register_autograd(_backward, setup_context=_setup_context)

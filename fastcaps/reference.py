@@ -1,0 +1,88 @@
+"""The paper's routing loop in plain PyTorch: the oracle every kernel is tested against.
+
+Sabour, Frosst & Hinton (2017), "Dynamic Routing Between Capsules", Procedure 1. This
+module is naive on purpose: it materializes the predictions u_hat and the logits b_ij,
+lets autograd differentiate through every iteration, and runs on any device and dtype.
+Read it beside the paper; do not optimise it. The fast paths live in
+``fastcaps.ops``, and ``tests/test_reference.py`` proves this file against a second,
+loop-by-loop float64 computation.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._validation import check_routing_args
+
+__all__ = ["squash", "dynamic_routing", "route"]
+
+
+def squash(s: Tensor, dim: int = -1) -> Tensor:
+    """Paper eq. (1): v = |s|^2 / (1 + |s|^2) * s / |s|, written as s * |s| / (1 + |s|^2).
+
+    The second form needs no epsilon and is exactly 0 at s = 0, where the first form is 0/0.
+    """
+    norm = torch.linalg.vector_norm(s, dim=dim, keepdim=True)
+    return s * norm / (1 + norm * norm)
+
+
+def dynamic_routing(
+    u: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    iterations: int = 3,
+    detach: bool = False,
+    return_couplings: bool = False,
+) -> Union[Tensor, Tuple[Tensor, List[Tensor]]]:
+    """Routing-by-agreement, Procedure 1 of the paper.
+
+    Args:
+        u: input capsules, (B, I, Din).
+        weight: transformation matrices W_ij, (J, I, D, Din).
+        bias: optional (J, D), added to s_j in every iteration.
+        iterations: r >= 1.
+        detach: stop the gradient through the routing: every iteration but the last
+            runs on u_hat and bias detached, so the last couplings c are constants.
+        return_couplings: also return the couplings c of every iteration, each (B, I, J).
+
+    Returns:
+        v, (B, J, D); with ``return_couplings`` the pair (v, [c_1, ..., c_r]).
+    """
+    check_routing_args(u, weight, bias, iterations, detach)
+    return route(u, weight, bias, iterations, detach, return_couplings)
+
+
+def route(u, weight, bias=None, iterations=3, detach=False, return_couplings=False):
+    """``dynamic_routing`` without the argument checks, for callers that made them."""
+    batch, in_caps, _ = u.shape
+    out_caps = weight.shape[0]
+
+    # u_hat[b, i, j] = W[j, i] @ u[b, i]: every input capsule's prediction of every output.
+    u_hat = torch.einsum("jide,bie->bijd", weight, u)
+
+    # Logits b_ij start at zero for every sample, on every call.
+    logits = u.new_zeros(batch, in_caps, out_caps)
+    couplings = []
+    v = None
+    for iteration in range(iterations):
+        last = iteration == iterations - 1
+        routed_u_hat = u_hat if (last or not detach) else u_hat.detach()
+        routed_bias = bias if (bias is None or last or not detach) else bias.detach()
+
+        # Each input capsule distributes itself over the OUTPUT capsules j.
+        c = torch.softmax(logits, dim=2)
+        couplings.append(c)
+        s = (c.unsqueeze(-1) * routed_u_hat).sum(dim=1)
+        if routed_bias is not None:
+            s = s + routed_bias
+        v = squash(s)
+        if not last:
+            # Agreement: b_ij += u_hat_j|i . v_j
+            logits = logits + (routed_u_hat * v.unsqueeze(1)).sum(dim=-1)
+
+    if return_couplings:
+        return v, couplings
+    return v

@@ -1,0 +1,28 @@
+"""Builds fastcaps' C++ extension (fastcaps._C) with torch's extension machinery and ninja.
+
+Install with `pip install --no-build-isolation -e .` so that the extension is compiled
+against the torch already installed; DEBUG=1 builds with -O0 -g.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+DEBUG = os.getenv("DEBUG", "0") == "1"
+
+# No -march=native: the build must run on any x86-64 (or aarch64) machine it is copied to.
+CXX_FLAGS = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
+
+setup(
+    ext_modules=[
+        CppExtension(
+            "fastcaps._C",
+            sorted(glob.glob("csrc/*.cpp")),
+            extra_compile_args={"cxx": CXX_FLAGS + ["-fopenmp"]},
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
