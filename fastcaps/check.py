@@ -1,0 +1,213 @@
+"""Correctness check of every routing backend against the reference: ``fastcaps check``.
+
+For each case (shape, iterations, detach, bias) and dtype, a backend runs forward and
+backward on fresh random inputs and is compared with the oracle, the reference evaluated
+in float64. Errors are normwise: max|x - x_ref| / max|x_ref| per tensor, for v and the
+gradients of u, weight and bias. Every float64 row also checks the backend's gradients
+against a central finite difference of its own forward along a random direction, which
+does not depend on the reference (so the reference's float64 row tests something too).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .functional import dynamic_routing
+
+# Normwise relative tolerance per dtype, for v and every gradient.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+# The finite-difference check is limited by its step, not by the kernel.
+FD_TOLERANCE = 1e-6
+_FD_STEP = 1e-6
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    in_caps: int
+    out_caps: int
+    out_dim: int
+    in_dim: int
+    iterations: int
+    detach: bool
+    bias: bool
+
+    @property
+    def shape(self) -> str:
+        return f"B{self.batch} I{self.in_caps} J{self.out_caps} D{self.out_dim} Din{self.in_dim}"
+
+    @property
+    def options(self) -> str:
+        return f"r={self.iterations}{' detach' if self.detach else ''}{' bias' if self.bias else ''}"
+
+
+@dataclass
+class Row:
+    backend: str
+    case: Case
+    dtype: torch.dtype
+    error_v: float
+    error_grad_u: float
+    error_grad_weight: float
+    error_grad_bias: Optional[float]  # None without a bias
+    error_fd: Optional[float]  # float64 rows only
+
+    @property
+    def passed(self) -> bool:
+        tolerance = TOLERANCE[self.dtype]
+        errors = [self.error_v, self.error_grad_u, self.error_grad_weight, self.error_grad_bias]
+        # Written as "<=" so that a NaN error fails.
+        within = all(e <= tolerance for e in errors if e is not None)
+        return within and (self.error_fd is None or self.error_fd <= FD_TOLERANCE)
+
+
+def _options(shapes) -> List[Case]:
+    return [
+        Case(b, i, j, d, e, r, detach, bias)
+        for (b, i, j, d, e), r, detach, bias in itertools.product(
+            shapes, (1, 2, 3), (False, True), (False, True)
+        )
+    ]
+
+
+def default_cases() -> List[Case]:
+    """MNIST DigitCaps at a small batch, and odd shapes, with every routing option."""
+    shapes = [(5, 1152, 10, 16, 8), (1, 1, 1, 1, 1), (3, 7, 3, 5, 3), (17, 7, 10, 16, 8), (2, 33, 4, 12, 4)]
+    return _options(shapes)
+
+
+def full_cases() -> List[Case]:
+    """B in {1, 3, 17} x I in {1, 7, 1152} x J in {1, 3, 10}, MNIST capsule dims, every option."""
+    shapes = [(b, i, j, 16, 8) for b in (1, 3, 17) for i in (1, 7, 1152) for j in (1, 3, 10)]
+    return _options(shapes)
+
+
+def make_inputs(case: Case, seed: int):
+    """float64 (u, weight, bias or None, grad_v) with routing far from uniform couplings."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape, std=1.0):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * std
+
+    # Inputs like squashed primary capsules (length < 1); predictions of length ~ 1, so
+    # the agreement logits are O(1) and the couplings move away from 1/J.
+    u = reference.squash(normal(case.batch, case.in_caps, case.in_dim, std=2.0))
+    weight = normal(case.out_caps, case.in_caps, case.out_dim, case.in_dim, std=2.0 / math.sqrt(case.out_dim))
+    bias = normal(case.out_caps, case.out_dim, std=0.5) if case.bias else None
+    grad_v = normal(case.batch, case.out_caps, case.out_dim)
+    return u, weight, bias, grad_v
+
+
+def _forward_backward(route: Callable, u, weight, bias, grad_v, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (u, weight) + ((bias,) if bias is not None else ())]
+    v = route(*leaves[:2], leaves[2] if bias is not None else None)
+    grads = torch.autograd.grad(v, leaves, grad_v.to(dtype))
+    return [v.detach().double()] + [g.double() for g in grads]
+
+
+def _error(value: Tensor, expected: Tensor) -> float:
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    if value.numel() == 0:
+        return 0.0
+    difference = (value - expected).abs().max().item()
+    return difference / scale if scale > 0 else difference
+
+
+def _finite_difference_error(route: Callable, case: Case, u, weight, bias, grad_v, grads, seed: int) -> float:
+    """|(L(x + h d) - L(x - h d)) / 2h - <grad L, d>| / |<grad L, d>| for L = <grad_v, v>.
+
+    With ``detach`` the gradient is, by definition, that of the last iteration with its
+    couplings c_r held constant, so L is differentiated through that frozen forward.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    inputs = [u, weight] + ([bias] if bias is not None else [])
+    directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in inputs]
+    if case.detach and case.iterations > 1:
+        _, couplings = reference.route(u, weight, bias, case.iterations, True, return_couplings=True)
+        frozen = couplings[-1]
+
+        def route(u_, w_, b_):  # noqa: F811  (the frozen forward replaces the backend's)
+            s = torch.einsum("bij,bijd->bjd", frozen, torch.einsum("jide,bie->bijd", w_, u_))
+            return reference.squash(s if b_ is None else s + b_)
+
+    def loss(step):
+        moved = [t + step * d for t, d in zip(inputs, directions)]
+        with torch.no_grad():
+            v = route(moved[0], moved[1], moved[2] if bias is not None else None)
+        return (v * grad_v).sum().item()
+
+    numeric = (loss(_FD_STEP) - loss(-_FD_STEP)) / (2 * _FD_STEP)
+    analytic = sum((g * d).sum().item() for g, d in zip(grads, directions))
+    return abs(numeric - analytic) / max(abs(analytic), 1e-12)
+
+
+def _router(backend: str, case: Case) -> Callable:
+    return lambda u, w, b: dynamic_routing(u, w, b, case.iterations, case.detach, backend=backend)
+
+
+def oracle_for(case: Case, seed: int) -> List[Tensor]:
+    """[v, grad u, grad weight, (grad bias)] of the reference in float64."""
+    return _forward_backward(_router("reference", case), *make_inputs(case, seed), torch.float64)
+
+
+def check_case(backend: str, case: Case, dtype: torch.dtype, seed: int = 0, oracle=None) -> Row:
+    """Compare ``backend`` at ``dtype`` with the float64 reference on one case."""
+    u, weight, bias, grad_v = make_inputs(case, seed)
+    if oracle is None:
+        oracle = oracle_for(case, seed)
+    route = _router(backend, case)
+    results = _forward_backward(route, u, weight, bias, grad_v, dtype)
+    errors = [_error(x, y) for x, y in zip(results, oracle)]
+    fd = None
+    if dtype == torch.float64:
+        fd = _finite_difference_error(route, case, u, weight, bias, grad_v, results[1:], seed)
+    return Row(backend, case, dtype, errors[0], errors[1], errors[2],
+               errors[3] if case.bias else None, fd)
+
+
+def run(
+    backends: Sequence[str],
+    cases: Iterable[Case],
+    dtypes: Sequence[torch.dtype],
+    seed: int = 0,
+    on_row: Optional[Callable[[Row], None]] = None,
+) -> List[Row]:
+    """Every backend x case x dtype; the float64 oracle is computed once per case."""
+    rows = []
+    for index, case in enumerate(cases):
+        oracle = oracle_for(case, seed + index)
+        for backend, dtype in itertools.product(backends, dtypes):
+            row = check_case(backend, case, dtype, seed + index, oracle)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def _fmt(error: Optional[float]) -> str:
+    return "-" if error is None else f"{error:.1e}"
+
+
+HEADER = ("backend", "shape", "options", "dtype", "v", "grad u", "grad W", "grad b", "fd", "result")
+
+
+def format_row(row: Row) -> List[str]:
+    return [
+        row.backend, row.case.shape, row.case.options, str(row.dtype).replace("torch.", ""),
+        _fmt(row.error_v), _fmt(row.error_grad_u), _fmt(row.error_grad_weight),
+        _fmt(row.error_grad_bias), _fmt(row.error_fd), "pass" if row.passed else "FAIL",
+    ]
+
+
+def format_table(rows: Sequence[List[str]], header: Sequence[str] = HEADER) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
