@@ -31,8 +31,9 @@ class DigitCaps(nn.Module):
 
     Initialisation: weight ~ Normal(0, std) with std = out_caps / sqrt(in_caps * out_dim).
     With the first iteration's uniform coupling 1/out_caps and unit-length inputs in random
-    directions, this gives E|s_j|^2 = 1, so output capsules start near length 0.5, where
-    squash has a useful slope and the margin loss sees both margins. A std of 1 (as in
+    directions, this gives E|s_j|^2 = 1, so output capsules start near length 0.5 after the
+    first iteration (about 0.7 after three at the MNIST shape), where squash has a useful
+    slope and the margin loss sees both margins. A std of 1 (as in
     several public implementations) makes |s_j| ~ 10 at the MNIST shape: every output
     starts at length ~ 1 and the margin loss cannot separate the classes. The bias, when
     present, starts at zero.
@@ -224,7 +225,7 @@ class CapsNet(nn.Module):
         super().__init__()
         if image_size < 17:
             raise ValueError(f"CapsNet: image_size must be at least 17 for two 9x9 convs, got {image_size}")
-        grid = (image_size - 8 - 8) // 2 + 1  # two 9x9 convs, the second with stride 2
+        grid = (image_size - 8 - 9) // 2 + 1  # 9x9 conv, then 9x9 conv with stride 2
         factory = {"device": device, "dtype": dtype}
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.conv1 = nn.Conv2d(in_channels, conv_channels, 9, **factory)

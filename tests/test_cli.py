@@ -1,0 +1,43 @@
+"""``fastcaps check``: passes on the real backends and fails loudly on a wrong one."""
+
+import subprocess
+import sys
+
+import torch
+
+from fastcaps import _routing_torch, check, cli, ops
+
+
+def test_check_command_passes_and_prints_the_table():
+    result = subprocess.run(
+        [sys.executable, "-m", "fastcaps", "check", "--dtype", "float64"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "backend" in result.stdout and "grad W" in result.stdout
+    assert "0 failed" in result.stdout
+    for backend in ("reference", "torch"):
+        assert f"\n{backend} " in result.stdout
+
+
+def _off_by_a_little(u, weight, bias, iterations, detach):
+    v, s = _routing_torch.routing_forward(u, weight, bias, iterations, detach)
+    return v * (1 + 1e-3), s
+
+
+def test_a_wrong_kernel_fails_the_check_and_the_exit_code(monkeypatch, capsys):
+    monkeypatch.setitem(ops.KERNELS, "torch", ops.Kernels(_off_by_a_little, _routing_torch.routing_backward))
+    row = check.check_case("torch", check.Case(2, 7, 3, 5, 3, 2, False, True), torch.float32)
+    assert not row.passed and row.error_v > 1e-4
+    assert cli.main(["check", "--backend", "torch", "--dtype", "float32"]) == 1
+    assert "FAILED: torch" in capsys.readouterr().out
+
+
+def test_a_wrong_gradient_is_caught_by_the_finite_difference_too(monkeypatch):
+    def wrong_backward(*args):
+        grad_u, grad_weight, grad_bias = _routing_torch.routing_backward(*args)
+        return grad_u, grad_weight * 1.01, grad_bias
+
+    monkeypatch.setitem(ops.KERNELS, "torch", ops.Kernels(_routing_torch.routing_forward, wrong_backward))
+    row = check.check_case("torch", check.Case(2, 7, 3, 5, 3, 3, False, False), torch.float64)
+    assert not row.passed and row.error_fd > check.FD_TOLERANCE

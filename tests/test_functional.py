@@ -1,0 +1,134 @@
+"""Public functional API: validation messages, backend choice, squash and the losses."""
+
+import pytest
+import torch
+
+import fastcaps
+from fastcaps import functional as F
+from fastcaps import reference
+
+U = torch.randn(2, 6, 3)
+W = torch.randn(4, 6, 5, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"u": torch.randn(6, 3)}, ValueError, r"u must have shape \(batch, in_caps, in_dim\)"),
+        ({"weight": torch.randn(4, 6, 5)}, ValueError, r"weight must have shape \(out_caps, in_caps, out_dim, in_dim\)"),
+        ({"weight": torch.randn(4, 7, 5, 3)}, ValueError, r"expects u of shape \(batch, 7, 3\)"),
+        ({"u": torch.randn(2, 6, 2)}, ValueError, r"expects u of shape \(batch, 6, 3\)"),
+        ({"bias": torch.randn(5, 4)}, ValueError, r"bias must have shape \(out_caps, out_dim\) = \(4, 5\)"),
+        ({"bias": torch.randn(4, 5, dtype=torch.float64)}, TypeError, "bias has dtype torch.float64 but u has dtype torch.float32"),
+        ({"weight": W.double()}, TypeError, "weight has dtype torch.float64"),
+        ({"u": torch.ones(2, 6, 3, dtype=torch.int64)}, TypeError, "u must be a floating-point tensor"),
+        ({"weight": torch.ones(4, 6, 5, 3, dtype=torch.int32)}, TypeError, "weight must be a floating-point tensor"),
+        ({"u": torch.ones(2, 6, 3, dtype=torch.complex64)}, TypeError, "u must be a floating-point tensor"),
+        ({"u": [[1.0]]}, TypeError, "u must be a tensor"),
+        ({"iterations": 0}, ValueError, "iterations must be >= 1, got 0"),
+        ({"iterations": 2.0}, TypeError, "iterations must be an int >= 1"),
+        ({"iterations": True}, TypeError, "iterations must be an int >= 1"),
+        ({"detach": 1}, TypeError, "detach must be a bool"),
+        ({"backend": "cuda"}, ValueError, "backend='cuda' is not a fastcaps backend"),
+        ({"weight": torch.randn(0, 6, 5, 3)}, ValueError, "out_caps, out_dim and in_dim must be at least 1"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_bad_arguments_raise_naming_the_argument(kwargs, error, message, backend):
+    call = {"u": U, "weight": W, "bias": None, "iterations": 3, "detach": False, "backend": backend}
+    call.update(kwargs)
+    with pytest.raises(error, match=message):
+        F.dynamic_routing(**call)
+
+
+def test_meta_device_mismatch_is_named():
+    with pytest.raises(ValueError, match="weight is on meta but u is on cpu"):
+        F.dynamic_routing(U, W.to("meta"))
+
+
+def test_available_backends_and_auto():
+    assert fastcaps.available_backends("cpu")[:2] == ["reference", "torch"]
+    assert fastcaps.backends.resolve_backend("auto", torch.device("cpu")) in fastcaps.available_backends("cpu")
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("FASTCAPS_BACKEND", "reference")
+    assert fastcaps.backends.resolve_backend("auto", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("FASTCAPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTCAPS_BACKEND='bogus' is not a fastcaps backend"):
+        F.dynamic_routing(U, W)
+
+
+def test_backends_agree_through_the_public_api():
+    v_reference = F.dynamic_routing(U, W, backend="reference")
+    torch.testing.assert_close(F.dynamic_routing(U, W, backend="torch"), v_reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(F.dynamic_routing(U, W), v_reference, rtol=1e-5, atol=1e-6)
+
+
+def test_squash_along_a_dimension_and_at_zero():
+    s = torch.randn(3, 8, 5, dtype=torch.float64)
+    torch.testing.assert_close(F.squash(s, dim=1), reference.squash(s, dim=1))
+    zero = torch.zeros(2, 4, requires_grad=True)
+    v = F.squash(zero)
+    v.sum().backward()
+    assert torch.equal(v, torch.zeros_like(v)) and torch.equal(zero.grad, torch.zeros_like(zero.grad))
+
+
+def test_squash_gradient_matches_autograd_of_the_reference():
+    s = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(6, 7, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(F.squash(s), s, grad)
+    (theirs,) = torch.autograd.grad(reference.squash(s), s, grad)
+    torch.testing.assert_close(ours, theirs)
+    assert torch.autograd.gradcheck(F.squash, (s,))
+
+
+def test_squash_stays_finite_at_extreme_magnitudes():
+    for scale in (1e-30, 1e15, 1e30):
+        s = (torch.randn(4, 16) * scale).requires_grad_()
+        v = F.squash(s)
+        v.sum().backward()
+        assert torch.isfinite(v).all() and torch.isfinite(s.grad).all()
+        assert (torch.linalg.vector_norm(v, dim=-1) <= 1).all()
+
+
+def test_squash_rejects_integers():
+    with pytest.raises(TypeError, match="squash: s must be a floating-point tensor"):
+        F.squash(torch.ones(3, dtype=torch.int64))
+
+
+def test_margin_loss_matches_the_paper():
+    lengths = torch.tensor([[0.95, 0.05, 0.5], [0.2, 0.8, 0.15]])
+    labels = torch.tensor([0, 2])
+    # sample 0: present 0.95 >= 0.9 -> 0; absent 0.05 -> 0, 0.5 -> 0.5 * 0.4^2
+    # sample 1: present 0.15 -> 0.75^2; absent 0.2 -> 0.5 * 0.1^2, 0.8 -> 0.5 * 0.7^2
+    expected = (0.5 * 0.16 + (0.5625 + 0.5 * 0.01 + 0.5 * 0.49)) / 2
+    torch.testing.assert_close(F.margin_loss(lengths, labels), torch.tensor(expected))
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    torch.testing.assert_close(F.margin_loss(lengths, one_hot), torch.tensor(expected))
+    assert F.margin_loss(lengths, labels, reduction="none").shape == (2,)
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (torch.tensor([0, 3]), r"labels must lie in \[0, 3\)"),
+        (torch.tensor([0, 1, 2]), r"class labels of shape \(2,\)"),
+        (torch.zeros(2, 4), "must have the shape of lengths"),
+        (torch.tensor([True, False]), "integer labels or floating targets"),
+    ],
+)
+def test_margin_loss_rejects_bad_targets(target, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        F.margin_loss(torch.rand(2, 3), target)
+
+
+def test_reconstruction_loss_is_summed_per_image_and_averaged_over_the_batch():
+    images = torch.rand(3, 1, 4, 4)
+    reconstruction = torch.rand(3, 16)
+    expected = ((reconstruction - images.view(3, 16)) ** 2).sum() / 3
+    torch.testing.assert_close(F.reconstruction_loss(reconstruction, images), expected)
+    with pytest.raises(ValueError, match="same number of samples and pixels"):
+        F.reconstruction_loss(reconstruction, torch.rand(3, 15))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        F.reconstruction_loss(reconstruction, images, reduction="avg")

@@ -1,0 +1,174 @@
+"""Modules: torch.nn conventions, the paper's CapsNet, torch.compile, weight import."""
+
+import pytest
+import torch
+from torch import nn
+
+import fastcaps
+from fastcaps import reference
+
+BACKENDS = fastcaps.available_backends("cpu")
+
+
+def test_digitcaps_shapes_repr_and_factory_kwargs():
+    caps = fastcaps.DigitCaps(in_caps=7, in_dim=3, out_caps=4, out_dim=5, dtype=torch.float64)
+    assert caps.weight.shape == (4, 7, 5, 3) and caps.weight.dtype == torch.float64
+    assert caps.bias is None and [name for name, _ in caps.named_parameters()] == ["weight"]
+    assert "in_caps=7" in repr(caps) and "bias=False" in repr(caps)
+    assert caps(torch.randn(2, 7, 3, dtype=torch.float64)).shape == (2, 4, 5)
+    with_bias = fastcaps.DigitCaps(7, 3, 4, 5, bias=True, device="meta")
+    assert with_bias.bias.shape == (4, 5) and with_bias.weight.is_meta
+
+
+def test_digitcaps_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="in_caps must be an int >= 1"):
+        fastcaps.DigitCaps(in_caps=0)
+    with pytest.raises(ValueError, match="iterations must be an int >= 1"):
+        fastcaps.DigitCaps(iterations=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_digitcaps_module_matches_functional(backend):
+    caps = fastcaps.DigitCaps(in_caps=9, in_dim=4, out_caps=3, out_dim=6, bias=True, iterations=2,
+                              detach_routing=True, backend=backend)
+    nn.init.normal_(caps.bias)
+    u = torch.randn(5, 9, 4)
+    expected = reference.dynamic_routing(u, caps.weight, caps.bias, 2, True)
+    torch.testing.assert_close(caps(u), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_initialisation_starts_output_lengths_near_one_half():
+    torch.manual_seed(0)
+    caps = fastcaps.DigitCaps(iterations=1)  # MNIST shape
+    directions = torch.randn(64, 1152, 8)
+    u = directions / directions.norm(dim=-1, keepdim=True)
+    assert 0.4 < caps(u).norm(dim=-1).mean().item() < 0.6
+    # Three iterations of agreement lengthen them, but leave them short of saturation.
+    caps.iterations = 3
+    assert caps(u).norm(dim=-1).max().item() < 0.9
+    # What the docstring says std = 1 does: every capsule saturates.
+    nn.init.normal_(caps.weight, std=1.0)
+    assert caps(u).norm(dim=-1).min().item() > 0.95
+
+
+def test_primarycaps_ordering_is_channel_major():
+    primary = fastcaps.PrimaryCaps(in_channels=2, caps_channels=3, caps_dim=4, kernel_size=3, stride=2)
+    x = torch.randn(1, 2, 9, 9)
+    capsules = primary(x)
+    features = primary.conv(x)  # (1, 3 * 4, 4, 4)
+    assert capsules.shape == (1, 3 * 4 * 4, 4)
+    k, h, w = 2, 1, 3
+    expected = reference.squash(features[0, k * 4:(k + 1) * 4, h, w])
+    torch.testing.assert_close(capsules[0, (k * 4 + h) * 4 + w], expected)
+
+
+def _parameter_count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_capsnet_parameter_counts_match_the_paper():
+    model = fastcaps.CapsNet(device="meta")
+    assert _parameter_count(model) == 8_215_568
+    assert _parameter_count(fastcaps.CapsNet(reconstruction=False, device="meta")) == 6_804_224
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capsnet_forward_backward_on_28x28(backend):
+    torch.manual_seed(0)
+    model = fastcaps.CapsNet(backend=backend)
+    images, labels = torch.rand(2, 1, 28, 28), torch.tensor([3, 7])
+    output = model(images, labels)
+    assert output.lengths.shape == (2, 10) and output.capsules.shape == (2, 10, 16)
+    assert output.reconstruction.shape == (2, 1, 28, 28)
+    loss = fastcaps.CapsuleLoss()(output, images, labels)
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+
+
+def test_capsnet_masks_by_label_in_training_and_by_longest_otherwise():
+    torch.manual_seed(0)
+    model = fastcaps.CapsNet(image_size=20, num_classes=4, conv_channels=8, primary_channels=2)
+    images = torch.rand(3, 1, 20, 20)
+    labels = torch.tensor([0, 1, 2])
+    trained = model.train()(images, labels)
+    masked = trained.capsules * torch.nn.functional.one_hot(labels, 4).unsqueeze(-1)
+    torch.testing.assert_close(trained.reconstruction.flatten(1), model.decoder(masked.flatten(1)))
+    evaluated = model.eval()(images, labels)
+    longest = torch.nn.functional.one_hot(evaluated.lengths.argmax(1), 4).unsqueeze(-1)
+    torch.testing.assert_close(evaluated.reconstruction.flatten(1), model.decoder((evaluated.capsules * longest).flatten(1)))
+
+
+def test_capsnet_rejects_wrong_image_shape():
+    with pytest.raises(ValueError, match=r"images must have shape \(batch, 1, 28, 28\)"):
+        fastcaps.CapsNet(device="meta")(torch.rand(2, 28, 28, device="meta"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_model_matches_eager(backend):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = fastcaps.CapsNet(image_size=20, num_classes=5, conv_channels=16, primary_channels=4,
+                             routing_bias=True, backend=backend)
+    images, labels = torch.rand(3, 1, 20, 20), torch.tensor([0, 4, 2])
+    loss_fn = fastcaps.CapsuleLoss()
+
+    def step(m):
+        m.zero_grad()
+        output = m(images, labels)
+        loss = loss_fn(output, images, labels)
+        loss.backward()
+        return output.lengths.detach(), [p.grad.clone() for p in m.parameters()]
+
+    eager_lengths, eager_grads = step(model)
+    compiled_lengths, compiled_grads = step(torch.compile(model, fullgraph=True))
+    torch.testing.assert_close(compiled_lengths, eager_lengths, rtol=1e-5, atol=1e-6)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+class PublicStyleDigitCaps(nn.Module):
+    """DigitCaps as several public PyTorch implementations write it: W of shape
+    (1, I, J, D, Din), u_hat materialized, logits b_ij updated in place of a V-sum."""
+
+    def __init__(self, in_caps=1152, in_dim=8, out_caps=10, out_dim=16, iterations=3):
+        super().__init__()
+        self.iterations = iterations
+        self.W = nn.Parameter(0.05 * torch.randn(1, in_caps, out_caps, out_dim, in_dim))
+
+    def forward(self, x):
+        batch = x.size(0)
+        x = x.unsqueeze(2).unsqueeze(-1)  # (B, I, 1, Din, 1)
+        u_hat = torch.matmul(self.W, x).squeeze(-1)  # (B, I, J, D)
+        b_ij = torch.zeros(batch, u_hat.size(1), u_hat.size(2), 1)
+        for iteration in range(self.iterations):
+            c_ij = torch.softmax(b_ij, dim=2)  # over output capsules
+            s_j = (c_ij * u_hat).sum(dim=1, keepdim=True)
+            norm_squared = (s_j ** 2).sum(-1, keepdim=True)
+            v_j = norm_squared / (1 + norm_squared) * s_j / torch.sqrt(norm_squared)
+            if iteration < self.iterations - 1:
+                b_ij = b_ij + (u_hat * v_j).sum(-1, keepdim=True)
+        return v_j.squeeze(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_in_replacement_with_imported_weights(backend):
+    torch.manual_seed(0)
+    theirs = PublicStyleDigitCaps(in_caps=72, in_dim=8, out_caps=10, out_dim=16)
+    ours = fastcaps.DigitCaps(in_caps=72, in_dim=8, out_caps=10, out_dim=16, backend=backend)
+    with torch.no_grad():
+        ours.weight.copy_(fastcaps.convert_weight(theirs.W, "1 in_caps out_caps out_dim in_dim"))
+    u = fastcaps.squash(torch.randn(4, 72, 8))
+    torch.testing.assert_close(ours(u), theirs(u), rtol=1e-5, atol=1e-6)
+
+
+def test_convert_weight_layouts_and_errors():
+    weight = torch.randn(10, 12, 8, 16)  # (J, I, Din, D)
+    converted = fastcaps.convert_weight(weight, "out_caps in_caps in_dim out_dim")
+    assert converted.shape == (10, 12, 16, 8) and torch.equal(converted, weight.transpose(2, 3))
+    with pytest.raises(ValueError, match="must name each of"):
+        fastcaps.convert_weight(weight, "out_caps in_caps in_dim in_dim")
+    with pytest.raises(ValueError, match="names 5 axes but weight has 4"):
+        fastcaps.convert_weight(weight, "1 out_caps in_caps in_dim out_dim")
+    with pytest.raises(ValueError, match="axis 0 is marked '1' but has size 2"):
+        fastcaps.convert_weight(torch.randn(2, 3, 4, 5, 6), "1 out_caps in_caps in_dim out_dim")

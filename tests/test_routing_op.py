@@ -1,0 +1,123 @@
+"""The fastcaps::routing op and its "torch" kernel against the reference."""
+
+import pytest
+import torch
+
+import fastcaps
+from fastcaps import _routing_torch, check, ops, reference
+
+FULL_GRID = check.full_cases()
+
+
+@pytest.mark.parametrize("case", FULL_GRID, ids=lambda c: f"{c.shape} {c.options}".replace(" ", "-"))
+def test_torch_backend_matches_reference_on_the_full_grid(case):
+    seed = FULL_GRID.index(case)
+    oracle = check.oracle_for(case, seed)
+    for dtype in (torch.float64, torch.float32):
+        row = check.check_case("torch", case, dtype, seed, oracle)
+        assert row.passed, check.format_row(row)
+
+
+def _small_inputs(dtype=torch.float64, batch=3, in_caps=5, out_caps=4, out_dim=3, in_dim=2, bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    u = reference.squash(torch.randn(batch, in_caps, in_dim, generator=generator, dtype=torch.float64) * 2)
+    weight = torch.randn(out_caps, in_caps, out_dim, in_dim, generator=generator, dtype=torch.float64)
+    b = torch.randn(out_caps, out_dim, generator=generator, dtype=torch.float64) if bias else None
+    return [t if t is None else t.to(dtype).requires_grad_() for t in (u, weight, b)]
+
+
+# With detach and r > 1 the gradient is a stop-gradient, not the forward's derivative; the
+# grid test checks it against the frozen-coupling forward (fastcaps.check).
+@pytest.mark.parametrize("iterations, detach", [(1, False), (2, False), (3, False), (1, True)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gradcheck(iterations, detach, with_bias):
+    u, weight, bias = _small_inputs(bias=with_bias)
+
+    def route(u, weight, *maybe_bias):
+        bias = maybe_bias[0] if maybe_bias else None
+        return fastcaps.dynamic_routing(u, weight, bias, iterations, detach, backend="torch")
+
+    inputs = (u, weight) + ((bias,) if with_bias else ())
+    assert torch.autograd.gradcheck(route, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_routing_and_backward(with_bias, dtype):
+    u, weight, bias = _small_inputs(dtype=dtype, bias=with_bias)
+    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, "torch"))
+    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 2, True, "torch"))
+    v, s = torch.ops.fastcaps.routing(u, weight, bias, 3, False, "torch")
+    grad_v = torch.randn_like(v)
+    torch.library.opcheck(
+        torch.ops.fastcaps.routing_backward.default,
+        (grad_v, u.detach(), weight.detach(), None if bias is None else bias.detach(), s, 3, False, "torch"),
+    )
+
+
+def test_saved_state_is_only_s_per_iteration():
+    u, weight, bias = _small_inputs()
+    v, s = torch.ops.fastcaps.routing(u, weight, bias, 3, False, "torch")
+    assert s.shape == (3, 3, 4, 3) and not s.requires_grad
+    # s[:, t] is the pre-squash sum of iteration t: the last one squashes to v.
+    torch.testing.assert_close(fastcaps.squash(s[:, -1]), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_compute_in_float32(dtype):
+    """|kernel - ref64| <= 2 |ref_same_dtype - ref64| + atol, and the output keeps the dtype."""
+    u, weight, bias = _small_inputs(dtype=torch.float64, batch=4, in_caps=40, out_caps=5, out_dim=8, in_dim=4)
+    low = [t.detach().to(dtype).requires_grad_() for t in (u, weight, bias)]
+    exact = [t.detach().double().requires_grad_() for t in low]
+    v = fastcaps.dynamic_routing(*low, iterations=3, backend="torch")
+    assert v.dtype == dtype
+    v_ref_low = reference.dynamic_routing(*low, iterations=3)
+    v_exact = reference.dynamic_routing(*exact, iterations=3)
+    grad_v = torch.randn_like(v_exact)
+    grads = torch.autograd.grad(v, low, grad_v.to(dtype))
+    grads_ref_low = torch.autograd.grad(v_ref_low, low, grad_v.to(dtype))
+    grads_exact = torch.autograd.grad(v_exact, exact, grad_v)
+    assert all(g.dtype == dtype for g in grads)
+    for got, same, want in zip([v, *grads], [v_ref_low, *grads_ref_low], [v_exact, *grads_exact]):
+        atol = 1e-3 * want.abs().max().item()
+        error = (got.double() - want).abs().max().item()
+        assert error <= 2 * (same.double() - want).abs().max().item() + atol
+
+
+def test_empty_batch():
+    u, weight, bias = _small_inputs(batch=0)
+    v = fastcaps.dynamic_routing(u, weight, bias, backend="torch")
+    assert v.shape == (0, 4, 3)
+    v.sum().backward()
+    assert u.grad.shape == u.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_batches_larger_than_one_chunk(monkeypatch):
+    # Force chunks of 2 samples: 7 samples -> chunks of 2, 2, 2, 1.
+    monkeypatch.setattr(_routing_torch, "_CHUNK_ELEMENTS", 2 * 4 * 5 * 3)
+    u, weight, bias = _small_inputs(batch=7)
+    v = fastcaps.dynamic_routing(u, weight, bias, backend="torch")
+    v_ref = reference.dynamic_routing(u, weight, bias)
+    torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-14)
+    grad_v = torch.randn_like(v)
+    for got, want in zip(torch.autograd.grad(v, (u, weight, bias), grad_v),
+                         torch.autograd.grad(v_ref, (u, weight, bias), grad_v)):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
+
+
+def test_unknown_kernel_name_is_refused_by_the_op():
+    u, weight, bias = _small_inputs()
+    with pytest.raises(ValueError, match="backend='nope' has no kernel"):
+        ops.routing(u, weight, bias, 3, False, "nope")
+
+
+def test_fake_tensors_give_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        u = torch.empty(6, 11, 4, dtype=torch.float16)
+        weight = torch.empty(3, 11, 7, 4, dtype=torch.float16)
+        v, s = torch.ops.fastcaps.routing(u, weight, None, 2, False, "torch")
+        assert v.shape == (6, 3, 7) and v.dtype == torch.float16
+        assert s.shape == (6, 2, 3, 7) and s.dtype == torch.float32
