@@ -2,7 +2,7 @@
 
 If it is missing (a source checkout that was not installed) or stale (built against
 another torch), fastcaps still imports and the pure-PyTorch backends work; one warning
-says why and how to rebuild. ``status()`` returns that diagnosis for error messages.
+says why and how to rebuild.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ from typing import Optional
 import torch
 
 REBUILD = "pip install --no-build-isolation -e .  (in the fastcaps source tree)"
-
-_problem: Optional[str] = None
-
 
 def _load() -> Optional[str]:
     """Import fastcaps._C; return None if it works, else what is wrong with it."""
@@ -29,11 +26,6 @@ def _load() -> Optional[str]:
     if built != running:
         return f"the C++ extension fastcaps._C was built against torch {built}, but torch {running} is running"
     return None
-
-
-def status() -> Optional[str]:
-    """None if the extension is loaded and current, else the reason it is not usable."""
-    return _problem
 
 
 _problem = _load()

@@ -191,7 +191,7 @@ def run(
     return rows
 
 
-def _fmt(error: Optional[float]) -> str:
+def format_error(error: Optional[float]) -> str:
     return "-" if error is None else f"{error:.1e}"
 
 
@@ -201,8 +201,8 @@ HEADER = ("backend", "shape", "options", "dtype", "v", "grad u", "grad W", "grad
 def format_row(row: Row) -> List[str]:
     return [
         row.backend, row.case.shape, row.case.options, str(row.dtype).replace("torch.", ""),
-        _fmt(row.error_v), _fmt(row.error_grad_u), _fmt(row.error_grad_weight),
-        _fmt(row.error_grad_bias), _fmt(row.error_fd), "pass" if row.passed else "FAIL",
+        format_error(row.error_v), format_error(row.error_grad_u), format_error(row.error_grad_weight),
+        format_error(row.error_grad_bias), format_error(row.error_fd), "pass" if row.passed else "FAIL",
     ]
 
 

@@ -59,7 +59,7 @@ def _summary(rows: List[check.Row]) -> List[List[str]]:
     for (backend, shape, dtype), group in groups.items():
         lines.append([
             backend, shape, str(dtype).replace("torch.", ""), str(len(group)),
-            *(check._fmt(worst(getattr(r, name) for r in group))
+            *(check.format_error(worst(getattr(r, name) for r in group))
               for name in ("error_v", "error_grad_u", "error_grad_weight", "error_grad_bias", "error_fd")),
             "pass" if all(r.passed for r in group) else "FAIL",
         ])
