@@ -1,4 +1,4 @@
-"""The ``fastcaps`` command line: ``fastcaps check``."""
+"""The ``fastcaps`` command line: ``fastcaps check`` and ``fastcaps bench``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import torch
 
-from . import check
+from . import check, report
 from .backends import BACKENDS, available_backends
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     check_parser.add_argument("--verbose", "-v", action="store_true", help="one line per case")
     check_parser.set_defaults(run=_check)
+    report.add_parser(commands)
     return parser
 
 

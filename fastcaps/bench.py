@@ -1,0 +1,315 @@
+"""Benchmark engine: one setup factory per case for every provider, timing and peak memory.
+
+Used by ``fastcaps bench`` (fastcaps/report.py writes its table, JSON and charts) and by
+the pytest-benchmark suites in benchmarks/.
+
+Providers: "reference" (the paper's loop, eager), "reference-compiled" (``torch.compile``
+of the same function: the strongest thing a user can do without fastcaps; its compile
+time is excluded from the timing and reported separately), and every fastcaps backend
+available on the device.
+
+Timing on CPU runs with glibc told to keep freed memory (``steady_state_allocator``): by
+default glibc maps every allocation over 32 MiB fresh and unmaps it on free, so each call
+pays page faults for u_hat (94 MB at the MNIST shape, B = 128) that a long-running
+training loop would not. On CUDA the caching allocator already behaves this way, and the
+timed function synchronizes.
+
+Peak memory: CUDA, the allocator's peak over one call minus what was allocated before.
+CPU, the steady-state peak RSS growth of one call in a fresh process (see
+``peak_memory``); it counts every byte touched: tensors, autograd's saved state,
+gradients, and library workspaces.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import reference
+from .backends import available_backends
+from .functional import dynamic_routing
+
+MODES = ("forward", "forward+backward")
+
+
+@dataclass(frozen=True)
+class Shape:
+    in_caps: int
+    in_dim: int
+    out_caps: int
+    out_dim: int
+
+    def __str__(self) -> str:
+        return f"{self.in_caps}x{self.in_dim} -> {self.out_caps}x{self.out_dim}"
+
+
+CASES: Dict[str, Shape] = {
+    "small": Shape(288, 4, 5, 12),
+    "mnist": Shape(1152, 8, 10, 16),  # the paper's DigitCaps
+    "large": Shape(4608, 8, 10, 16),  # PrimaryCaps on 40x40 images: 32 x 12 x 12 capsules
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: a shape, a batch, a routing depth, a mode and a provider."""
+
+    case: str
+    shape: Shape
+    batch: int
+    iterations: int
+    mode: str
+    provider: str
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    @property
+    def label(self) -> str:
+        return f"{self.case} B{self.batch} r{self.iterations} {self.mode} {self.dtype}"
+
+
+def providers(device: str = "cpu") -> List[str]:
+    """Every provider that can run on ``device``: the reference, its compiled form, our backends."""
+    return ["reference", "reference-compiled"] + [b for b in available_backends(device) if b != "reference"]
+
+
+def flops(shape: Shape, batch: int, iterations: int, mode: str) -> float:
+    """DESIGN.md section 6: per sample, u_hat once (2 I J D Din) and the routing passes
+    (2 (2r - 1) I J D). Forward+backward counts three times the forward, the usual
+    convention for a layer whose backward does two products per forward product."""
+    per_sample = 2 * shape.in_caps * shape.out_caps * shape.out_dim * shape.in_dim
+    per_sample += 2 * (2 * iterations - 1) * shape.in_caps * shape.out_caps * shape.out_dim
+    return batch * per_sample * (3 if mode == "forward+backward" else 1)
+
+
+def _raise_recompile_limit() -> None:
+    """Each benchmark point is a new static shape for the compiled reference; without this,
+    dynamo stops compiling after 8 shapes and silently runs eager."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 4096))
+
+
+_compiled_reference: Optional[Callable] = None
+
+
+def _route_function(provider: str) -> Callable:
+    """(u, weight, iterations) -> v for a provider."""
+    global _compiled_reference
+    if provider == "reference":
+        return lambda u, weight, r: reference.route(u, weight, None, r, False)
+    if provider == "reference-compiled":
+        if _compiled_reference is None:
+            _raise_recompile_limit()
+            _compiled_reference = torch.compile(reference.route, dynamic=False, fullgraph=True)
+        compiled = _compiled_reference
+        return lambda u, weight, r: compiled(u, weight, None, r, False)
+    return lambda u, weight, r: dynamic_routing(u, weight, None, r, False, backend=provider)
+
+
+def make_inputs(point: Point, seed: int = 0):
+    """u like squashed primary capsules, weight at DigitCaps' initialisation scale."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = point.shape
+    u = reference.squash(torch.randn(point.batch, shape.in_caps, shape.in_dim, generator=generator))
+    std = shape.out_caps / (shape.in_caps * shape.out_dim) ** 0.5
+    weight = torch.randn(shape.out_caps, shape.in_caps, shape.out_dim, shape.in_dim, generator=generator) * std
+    dtype = getattr(torch, point.dtype)
+    return u.to(point.device, dtype), weight.to(point.device, dtype)
+
+
+@dataclass
+class Runner:
+    """The timed function of one point, and what its first call cost."""
+
+    run: Callable[[], None]
+    first_call_seconds: float
+
+
+def make_runner(point: Point) -> Runner:
+    """The setup factory every provider and mode goes through: inputs, then a closure
+    that runs one call (and synchronizes on CUDA). Its first call is made here, so
+    compilation and autotuning are never timed."""
+    u, weight = make_inputs(point)
+    route = _route_function(point.provider)
+    synchronize = torch.cuda.synchronize if u.is_cuda else (lambda: None)
+    if point.mode == "forward":
+        def run():
+            with torch.no_grad():
+                route(u, weight, point.iterations)
+            synchronize()
+    elif point.mode == "forward+backward":
+        u.requires_grad_()
+        weight.requires_grad_()
+
+        def run():
+            v = route(u, weight, point.iterations)
+            torch.autograd.grad(v, (u, weight), torch.ones_like(v))
+            synchronize()
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {point.mode!r}")
+    started = time.perf_counter()
+    run()
+    return Runner(run, time.perf_counter() - started)
+
+
+# --- allocator ---------------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def steady_state_allocator() -> bool:
+    """Make glibc keep freed memory for reuse (no mmap per allocation, no trimming), as a
+    long-running process reaches. Returns False where this is not glibc (then timings
+    include page faults, and the result records it)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+# --- timing ------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    seconds: List[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def quartiles(self):
+        if len(self.seconds) < 2:
+            return self.median, self.median
+        q1, _, q3 = statistics.quantiles(self.seconds, n=4, method="inclusive")
+        return q1, q3
+
+
+def time_runner(runner: Runner, repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> Timing:
+    """``warmup`` untimed calls, then at least ``repeats`` timed calls (more, up to 10x,
+    until ``min_seconds`` have passed: fast points get more samples)."""
+    for _ in range(warmup):
+        runner.run()
+    seconds: List[float] = []
+    while len(seconds) < repeats or (sum(seconds) < min_seconds and len(seconds) < 10 * repeats):
+        started = time.perf_counter()
+        runner.run()
+        seconds.append(time.perf_counter() - started)
+    return Timing(seconds)
+
+
+# --- peak memory -------------------------------------------------------------------------
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"^{field_name}:\s+(\d+) kB", status.read(), re.MULTILINE).group(1))
+
+
+def _peak_in_this_process(point: Point) -> int:
+    runner = make_runner(point)  # its first call is the warm-up
+    if point.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        runner.run()
+        return torch.cuda.max_memory_allocated() - before
+    # Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS.
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _status_kib("VmRSS")
+    runner.run()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def peak_memory(point: Point, timeout: float = 900) -> int:
+    """Peak memory growth of one call of ``point``, in bytes, measured in a fresh process.
+
+    CPU method: the worker makes the call once (warm-up: lazy initialisation, thread pools,
+    compilation), resets the kernel's peak-RSS counter, makes it again and reports the
+    peak growth. glibc's mmap threshold is pinned at 64 KiB (MALLOC_MMAP_THRESHOLD_) so
+    each tensor-sized buffer is mapped and unmapped on its own, and freed memory leaves
+    RSS instead of being reused unseen.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    payload = json.dumps({**asdict(point), "shape": asdict(point.shape)})
+    result = subprocess.run(
+        [sys.executable, "-m", "fastcaps.bench", "--memory-worker", payload],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"memory worker for {point.label} {point.provider} failed:\n{result.stderr}")
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def _point_from_json(payload: str) -> Point:
+    fields = json.loads(payload)
+    fields["shape"] = Shape(**fields["shape"])
+    return Point(**fields)
+
+
+# --- one measurement ---------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    point: Point
+    seconds: List[float]
+    first_call_seconds: float
+    peak_bytes: Optional[int]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(self.seconds)
+
+    @property
+    def gflops(self) -> float:
+        p = self.point
+        return flops(p.shape, p.batch, p.iterations, p.mode) / self.timing.median / 1e9
+
+
+def measure(point: Point, repeats: int, warmup: int = 1, min_seconds: float = 0.0,
+            memory: bool = True) -> Result:
+    runner = make_runner(point)
+    timing = time_runner(runner, repeats, warmup, min_seconds)
+    peak = peak_memory(point) if memory else None
+    return Result(point, timing.seconds, runner.first_call_seconds, peak)
+
+
+def points(cases: Sequence[str], batches: Sequence[int], iterations: Sequence[int],
+           modes: Sequence[str], provider_names: Sequence[str], dtype: str = "float32",
+           device: str = "cpu") -> List[Point]:
+    """The grid, reference first within each group so ratios have their denominator."""
+    return [
+        Point(case, CASES[case], batch, r, mode, provider, dtype, device)
+        for case in cases for batch in batches for r in iterations for mode in modes
+        for provider in provider_names
+    ]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory-worker":
+        print(_peak_in_this_process(_point_from_json(sys.argv[2])))
+    else:
+        sys.exit("usage: python -m fastcaps.bench --memory-worker POINT_JSON (internal); see `fastcaps bench`")
