@@ -8,11 +8,15 @@ of the same function: the strongest thing a user can do without fastcaps; its co
 time is excluded from the timing and reported separately), and every fastcaps backend
 available on the device.
 
-Timing on CPU runs with glibc told to keep freed memory (``steady_state_allocator``): by
-default glibc maps every allocation over 32 MiB fresh and unmaps it on free, so each call
-pays page faults for u_hat (94 MB at the MNIST shape, B = 128) that a long-running
-training loop would not. On CUDA the caching allocator already behaves this way, and the
-timed function synchronizes.
+Timing: the providers of a group (same case, batch, depth, mode) run in interleaved
+rounds (``measure_group``), in several fresh processes whose rounds are pooled
+(``measure_group_in_processes``), so that both a slow stretch of the machine and what
+varies from process to process land inside the reported spread. On CPU the workers run
+with glibc told to keep freed memory (``steady_state_allocator``): by default glibc maps
+every allocation over 32 MiB fresh and unmaps it on free, so each call pays page faults
+for u_hat (94 MB at the MNIST shape, B = 128) that a long-running training loop would
+not. On CUDA the caching allocator already behaves this way, and the timed function
+synchronizes.
 
 Peak memory: CUDA, the allocator's peak over one call minus what was allocated before.
 CPU, the steady-state peak RSS growth of one call in a fresh process (see
@@ -167,7 +171,7 @@ def make_runner(point: Point) -> Runner:
 
 # --- allocator ---------------------------------------------------------------------------
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, glibc malloc.h
 
 
 def _libc():
@@ -205,19 +209,6 @@ class Timing:
         return q1, q3
 
 
-def time_runner(runner: Runner, repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> Timing:
-    """``warmup`` untimed calls, then at least ``repeats`` timed calls (more, up to 10x,
-    until ``min_seconds`` have passed: fast points get more samples)."""
-    for _ in range(warmup):
-        runner.run()
-    seconds: List[float] = []
-    while len(seconds) < repeats or (sum(seconds) < min_seconds and len(seconds) < 10 * repeats):
-        started = time.perf_counter()
-        runner.run()
-        seconds.append(time.perf_counter() - started)
-    return Timing(seconds)
-
-
 # --- peak memory -------------------------------------------------------------------------
 
 
@@ -252,9 +243,8 @@ def peak_memory(point: Point, timeout: float = 900) -> int:
     RSS instead of being reused unseen.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    payload = json.dumps({**asdict(point), "shape": asdict(point.shape)})
     result = subprocess.run(
-        [sys.executable, "-m", "fastcaps.bench", "--memory-worker", payload],
+        [sys.executable, "-m", "fastcaps.bench", "--memory-worker", json.dumps(_point_to_json(point))],
         capture_output=True, text=True, env=env, timeout=timeout,
     )
     if result.returncode != 0:
@@ -262,10 +252,12 @@ def peak_memory(point: Point, timeout: float = 900) -> int:
     return int(result.stdout.strip().splitlines()[-1])
 
 
-def _point_from_json(payload: str) -> Point:
-    fields = json.loads(payload)
-    fields["shape"] = Shape(**fields["shape"])
-    return Point(**fields)
+def _point_to_json(point: Point) -> dict:
+    return {**asdict(point), "shape": asdict(point.shape)}
+
+
+def _point_from_json(fields: dict) -> Point:
+    return Point(**{**fields, "shape": Shape(**fields["shape"])})
 
 
 # --- one measurement ---------------------------------------------------------------------
@@ -289,12 +281,71 @@ class Result:
         return flops(p.shape, p.batch, p.iterations, p.mode) / self.timing.median / 1e9
 
 
-def measure(point: Point, repeats: int, warmup: int = 1, min_seconds: float = 0.0,
-            memory: bool = True) -> Result:
-    runner = make_runner(point)
-    timing = time_runner(runner, repeats, warmup, min_seconds)
-    peak = peak_memory(point) if memory else None
-    return Result(point, timing.seconds, runner.first_call_seconds, peak)
+def measure_group(group: Sequence[Point], repeats: int, warmup: int = 1, min_seconds: float = 0.0,
+                  memory: bool = True) -> List[Result]:
+    """Time the providers of one group in interleaved rounds, one call each per round, the
+    order rotated every round; at least ``repeats`` rounds, more (up to 10x) until the
+    rounds took ``min_seconds``. Sample k of every result comes from round k, so ratios
+    can be taken round by round: a slow stretch of the machine then slows the reference
+    and the provider alike instead of landing in their ratio."""
+    runners = [make_runner(point) for point in group]
+    for _ in range(warmup):
+        for runner in runners:
+            runner.run()
+    samples: List[List[float]] = [[] for _ in group]
+    rounds, elapsed = 0, 0.0
+    while rounds < repeats or (elapsed < min_seconds and rounds < 10 * repeats):
+        for offset in range(len(group)):
+            index = (rounds + offset) % len(group)
+            started = time.perf_counter()
+            runners[index].run()
+            seconds = time.perf_counter() - started
+            samples[index].append(seconds)
+            elapsed += seconds
+        rounds += 1
+    return [
+        Result(point, samples[i], runners[i].first_call_seconds, peak_memory(point) if memory else None)
+        for i, point in enumerate(group)
+    ]
+
+
+def measure_group_in_processes(group: Sequence[Point], processes: int, repeats: int, warmup: int = 1,
+                               min_seconds: float = 0.0, memory: bool = True) -> List[Result]:
+    """``measure_group`` in ``processes`` fresh worker processes (steady-state allocator),
+    their rounds pooled. Some variation is fixed per process (buffer addresses, where
+    the threads land); pooling puts it inside the reported spread instead of between
+    two runs. Each process runs ceil(repeats / processes) rounds at least."""
+    payload = {
+        "points": [_point_to_json(point) for point in group],
+        "repeats": -(-repeats // processes), "warmup": warmup, "min_seconds": min_seconds / processes,
+    }
+    samples: List[List[float]] = [[] for _ in group]
+    first_call = [0.0 for _ in group]
+    for _ in range(processes):
+        result = subprocess.run([sys.executable, "-m", "fastcaps.bench", "--time-worker", json.dumps(payload)],
+                                capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0:
+            raise RuntimeError(f"timing worker for {group[0].label} failed:\n{result.stderr}")
+        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        for i in range(len(group)):
+            samples[i].extend(measured["seconds"][i])
+            first_call[i] = max(first_call[i], measured["first_call_seconds"][i])
+    return [
+        Result(point, samples[i], first_call[i], peak_memory(point) if memory else None)
+        for i, point in enumerate(group)
+    ]
+
+
+def _time_worker(payload: dict) -> dict:
+    steady_state_allocator()
+    group = [_point_from_json(p) for p in payload["points"]]
+    results = measure_group(group, payload["repeats"], payload["warmup"], payload["min_seconds"], memory=False)
+    return {"seconds": [r.seconds for r in results], "first_call_seconds": [r.first_call_seconds for r in results]}
+
+
+def group_key(point: Point) -> tuple:
+    """Points that differ only in provider share a group."""
+    return (point.case, point.shape, point.batch, point.iterations, point.mode, point.dtype, point.device)
 
 
 def points(cases: Sequence[str], batches: Sequence[int], iterations: Sequence[int],
@@ -310,6 +361,9 @@ def points(cases: Sequence[str], batches: Sequence[int], iterations: Sequence[in
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--memory-worker":
-        print(_peak_in_this_process(_point_from_json(sys.argv[2])))
+        print(_peak_in_this_process(_point_from_json(json.loads(sys.argv[2]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--time-worker":
+        print(json.dumps(_time_worker(json.loads(sys.argv[2]))))
     else:
-        sys.exit("usage: python -m fastcaps.bench --memory-worker POINT_JSON (internal); see `fastcaps bench`")
+        sys.exit("usage: python -m fastcaps.bench --memory-worker POINT | --time-worker GROUP "
+                 "(internal JSON protocol); see `fastcaps bench`")

@@ -1,8 +1,9 @@
 """``fastcaps bench``: check, then time and measure every provider; table, JSON and charts.
 
-A speed-up is the reference's median over the provider's, both measured in this run.
-Its spread is the interval from the quartiles, [ref q1 / provider q3, ref q3 / provider
-q1]; two runs agree when their intervals overlap (``fastcaps bench --compare A B``).
+The providers of a group (same case, batch, depth, mode) are timed in interleaved rounds
+(``bench.measure_group``), in three fresh processes whose rounds are pooled. A speed-up is the median over rounds of the reference's time
+divided by the provider's in the same round; its spread is the first to third quartile
+of those ratios. Two runs agree when their spreads overlap (``fastcaps bench --compare A B``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,28 +26,23 @@ _MIB = 2**20
 
 
 def _speedup(result: bench.Result, baseline: bench.Result) -> Tuple[float, float, float]:
-    """(median ratio, low, high) of baseline time over result time."""
-    ref_q1, ref_q3 = baseline.timing.quartiles()
-    q1, q3 = result.timing.quartiles()
-    return baseline.timing.median / result.timing.median, ref_q1 / q3, ref_q3 / q1
-
-
-def _baselines(results: Sequence[bench.Result]) -> Dict[tuple, bench.Result]:
-    return {_group(r.point): r for r in results if r.point.provider == "reference"}
-
-
-def _group(point: bench.Point) -> tuple:
-    return (point.case, point.shape, point.batch, point.iterations, point.mode, point.dtype, point.device)
+    """(median, first quartile, third quartile) of the round-by-round ratios baseline / result."""
+    if len(result.seconds) != len(baseline.seconds):
+        raise ValueError(f"{result.point.label}: speed-ups need samples from the same rounds "
+                         "(bench.measure_group)")
+    ratios = [ref / own for ref, own in zip(baseline.seconds, result.seconds)]
+    low, high = bench.Timing(ratios).quartiles()
+    return statistics.median(ratios), low, high
 
 
 def rows(results: Sequence[bench.Result]) -> List[dict]:
     """One dict per result: the JSON record and the table's source."""
-    baselines = _baselines(results)
+    baselines = {bench.group_key(r.point): r for r in results if r.point.provider == "reference"}
     records = []
     for result in results:
         p = result.point
         q1, q3 = result.timing.quartiles()
-        baseline = baselines.get(_group(p))
+        baseline = baselines.get(bench.group_key(p))
         speedup = _speedup(result, baseline) if baseline else None
         memory_ratio = (result.peak_bytes / baseline.peak_bytes
                         if baseline and result.peak_bytes is not None and baseline.peak_bytes else None)
@@ -277,6 +274,7 @@ def bench_command(args) -> int:
     if not run_check(device):
         print("fastcaps bench: a backend failed its correctness check; nothing was timed", file=sys.stderr)
         return 1
+    # The timing workers set it for themselves; this records whether it takes here.
     steady = bench.steady_state_allocator() if device == "cpu" else None
     names = args.provider or bench.providers(device)
     if "reference" not in names:
@@ -289,10 +287,15 @@ def bench_command(args) -> int:
         points = [p for _, _, p in planned]
     else:
         points = bench.points(args.case, args.batch, args.iterations, args.mode, names, args.dtype, device)
+    groups: Dict[tuple, List[bench.Point]] = {}
+    for point in points:
+        groups.setdefault(bench.group_key(point), []).append(point)
     results = []
-    for point in tqdm(points, desc="fastcaps bench", unit="point", file=sys.stderr):
-        results.append(bench.measure(point, args.repeats, args.warmup, args.min_seconds, memory=not args.no_memory))
-    records = rows(results)
+    for group in tqdm(list(groups.values()), desc="fastcaps bench", unit="group", file=sys.stderr):
+        results.extend(bench.measure_group_in_processes(group, args.processes, args.repeats, args.warmup,
+                                                        args.min_seconds, memory=not args.no_memory))
+    by_point = {result.point: result for result in results}
+    records = rows([by_point[point] for point in points])
     if args.scaling:
         for record, (sweep, fixed, point) in zip(records, planned):
             record.update(sweep=sweep, fixed=fixed,
@@ -310,7 +313,7 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "bench", help="check, then time and measure every provider: table, JSON and chart",
         description=__doc__ + "\nThe default run (MNIST DigitCaps, B in 1, 32, 128, r = 3, both modes) takes "
-        "about 3 minutes on 2 CPU cores.",
+        "about 4 minutes on 2 CPU cores.",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--case", action="append", choices=list(bench.CASES), help="repeatable; default: mnist")
@@ -319,9 +322,12 @@ def add_parser(commands) -> None:
     parser.add_argument("--mode", action="append", choices=bench.MODES, help="repeatable; default: both")
     parser.add_argument("--provider", action="append", help="repeatable; default: every provider on the device")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per point, at least")
-    parser.add_argument("--min-seconds", type=float, default=2.0, help="keep timing a point until this long")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds per group, at least")
+    parser.add_argument("--min-seconds", type=float, default=4.0,
+                        help="keep adding rounds (up to 10x --repeats) until a group's rounds took this long")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first call")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes per group; their rounds are pooled (default 3)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory (saves a process per point)")
     parser.add_argument("--scaling", action="store_true",
                         help="sweep B, I, J and r one at a time around MNIST (forward+backward)")

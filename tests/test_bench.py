@@ -1,0 +1,86 @@
+"""The benchmark engine and report: counts, ratios, spreads, comparison, an end-to-end run."""
+
+import json
+
+import pytest
+import torch
+
+from fastcaps import bench, cli, report
+
+MNIST = bench.CASES["mnist"]
+
+
+def test_flop_counts_match_the_design_notes():
+    # DESIGN.md section 6: per MNIST sample, u_hat 2 I J D Din = 2.95 MFLOP and routing
+    # (r = 3) 2 (2r - 1) I J D = 1.84 MFLOP.
+    u_hat, routing = 2 * 1152 * 10 * 16 * 8, 2 * 5 * 1152 * 10 * 16
+    assert (u_hat, routing) == (2_949_120, 1_843_200)
+    assert bench.flops(MNIST, 1, 3, "forward") == u_hat + routing
+    assert bench.flops(MNIST, 128, 3, "forward+backward") == 3 * 128 * bench.flops(MNIST, 1, 3, "forward")
+
+
+def _result(provider, seconds, peak=None, batch=32):
+    return bench.Result(bench.Point("mnist", MNIST, batch, 3, "forward", provider), seconds, 0.0, peak)
+
+
+def test_speedup_is_the_median_of_round_by_round_ratios():
+    results = [
+        _result("reference", [0.10, 0.20, 0.12, 0.13, 0.14], peak=400),
+        # Round 2 was slow for both: its ratio is still 2.
+        _result("torch", [0.05, 0.10, 0.06, 0.065, 0.07], peak=100),
+        _result("torch", [1.0, 1.0, 1.0], batch=128),  # another group, no reference in it
+    ]
+    records = report.rows(results)
+    assert records[0]["speedup"] == 1.0
+    torch_row = records[1]
+    assert torch_row["speedup"] == pytest.approx(2.0)
+    assert torch_row["speedup_low"] == pytest.approx(2.0) and torch_row["speedup_high"] == pytest.approx(2.0)
+    assert torch_row["memory_vs_reference"] == 0.25
+    assert records[2]["speedup"] is None
+    assert "2.00x" in report.table(records)
+
+
+def test_unpaired_samples_are_refused():
+    with pytest.raises(ValueError, match="same rounds"):
+        report.rows([_result("reference", [0.1, 0.2]), _result("torch", [0.1])])
+
+
+def _write(path, speedup, low, high):
+    row = {"case": "mnist", "mode": "forward", "batch": 32, "iterations": 3, "provider": "torch",
+           "dtype": "float32", "speedup": speedup, "speedup_low": low, "speedup_high": high}
+    path.write_text(json.dumps({"meta": {}, "results": [row]}))
+    return str(path)
+
+
+def test_compare_agrees_on_overlapping_spreads_only(tmp_path, capsys):
+    a = _write(tmp_path / "a.json", 2.0, 1.8, 2.2)
+    assert report.compare(a, _write(tmp_path / "b.json", 2.1, 1.9, 2.3)) == 0
+    assert report.compare(a, _write(tmp_path / "c.json", 3.0, 2.8, 3.2)) == 1
+    assert "DISAGREE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("provider", bench.providers("cpu"))
+@pytest.mark.parametrize("mode", bench.MODES)
+def test_every_provider_runs_in_every_mode(provider, mode):
+    runner = bench.make_runner(bench.Point("small", bench.Shape(5, 3, 4, 6), 3, 2, mode, provider))
+    runner.run()
+    assert runner.first_call_seconds > 0
+
+
+def test_allocator_mode_is_set_on_glibc():
+    assert bench.steady_state_allocator() is True
+
+
+def test_bench_command_end_to_end(tmp_path, capsys):
+    json_path, chart_path = tmp_path / "b.json", tmp_path / "b.png"
+    code = cli.main(["bench", "--case", "small", "--batch", "1", "--batch", "4", "--mode", "forward",
+                     "--provider", "torch", "--repeats", "3", "--min-seconds", "0", "--warmup", "0",
+                     "--json", str(json_path), "--chart", str(chart_path)])
+    assert code == 0
+    output = capsys.readouterr().out
+    assert "correctness check" in output and "speed-up" in output
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["torch"] == torch.__version__ and "allocator" in data["meta"]
+    assert {r["provider"] for r in data["results"]} == {"reference", "torch"}
+    assert all(r["peak_mib"] is not None and len(r["samples_ms"]) >= 3 for r in data["results"])
+    assert chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
