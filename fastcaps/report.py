@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import bench, check
+from . import __version__, bench, check
 from .backends import available_backends
 
 _MIB = 2**20
@@ -94,6 +94,8 @@ def machine() -> dict:
         "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__,
+        "fastcaps": __version__,
+        "git_commit": _git_commit(),
     }
     try:
         import triton
@@ -104,6 +106,18 @@ def machine() -> dict:
     if torch.cuda.is_available():
         meta["gpu"] = torch.cuda.get_device_name()
     return meta
+
+
+def _git_commit() -> Optional[str]:
+    """The source checkout's commit, when fastcaps runs from one."""
+    import subprocess
+
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
 
 
 def write_json(path: str, records: Sequence[dict], meta: dict) -> None:
