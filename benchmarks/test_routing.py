@@ -41,10 +41,10 @@ def _fits(point: bench.Point) -> bool:
 
 
 def _rounds(runner: bench.Runner) -> int:
-    """About two seconds of timed calls, between 3 and 30 of them."""
+    """About one second of timed calls, between 3 and 30 of them."""
     started = time.perf_counter()
     runner.run()
-    return max(3, min(30, int(2.0 / max(time.perf_counter() - started, 1e-6))))
+    return max(3, min(30, int(1.0 / max(time.perf_counter() - started, 1e-6))))
 
 
 @pytest.mark.parametrize("point", POINTS, ids=lambda p: f"{p.label} {p.provider}".replace(" ", "-"))
