@@ -2,7 +2,7 @@
 
 If it is missing (a source checkout that was not installed) or stale (built against
 another torch), fastcaps still imports and the pure-PyTorch backends work; one warning
-says why and how to rebuild.
+says why and how to rebuild, and ``problem()`` returns that reason for error messages.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ REBUILD = "pip install --no-build-isolation -e .  (in the fastcaps source tree)"
 
 def _load() -> Optional[str]:
     """Import fastcaps._C; return None if it works, else what is wrong with it."""
+    from . import _routing_cpu  # noqa: F401  (defines the schemas the C++ kernels implement)
+
     try:
         from . import _C  # noqa: F401  (registers the C++ kernels)
     except ImportError as error:
@@ -25,9 +27,19 @@ def _load() -> Optional[str]:
     running = torch.__version__.split("+")[0]
     if built != running:
         return f"the C++ extension fastcaps._C was built against torch {built}, but torch {running} is running"
+    for op in _CPU_KERNELS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"):
+            # An extension built from older fastcaps sources loads but lacks this kernel.
+            return f"the C++ extension fastcaps._C is stale: it does not implement {op}"
     return None
 
 
+def problem() -> Optional[str]:
+    """None if the C++ extension is loaded and current, else why it is not usable."""
+    return _problem
+
+
+_CPU_KERNELS = ("fastcaps::routing_cpu_forward", "fastcaps::routing_cpu_backward")
 _problem = _load()
 if _problem is not None:
     warnings.warn(

@@ -2,6 +2,8 @@
 
 - "reference": ``fastcaps.reference``, the paper's loop with autograd; any device, any dtype.
 - "torch": the routing op's vectorized PyTorch kernel (DESIGN.md sections 2-3); any device.
+- "cpu": the fused C++ kernels (csrc/routing_cpu.cpp); CPU tensors, when the extension is
+  built. Opt-in for now: correct and deterministic, not yet tuned.
 
 ``"auto"`` takes the FASTCAPS_BACKEND environment variable if it is set, else the fastest
 kernel for the tensor's device. Forcing a backend that cannot run raises; nothing falls
@@ -15,17 +17,27 @@ from typing import List, Optional, Union
 
 import torch
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend"]
+from . import _extension
 
-BACKENDS = ("reference", "torch")
+__all__ = ["BACKENDS", "AUTO_ORDER", "available_backends", "resolve_backend"]
 
-# Fastest first; "auto" takes the first one that can run on the device.
-_AUTO_ORDER = ("torch",)
+BACKENDS = ("reference", "torch", "cpu")
+
+# Fastest first; "auto" takes the first one that can run on the device. The C++ "cpu"
+# kernels are opt-in until `fastcaps bench` shows them ahead everywhere (issue 4).
+AUTO_ORDER = ("torch",)
 
 
 def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device``, or None if it can."""
     if backend in ("reference", "torch"):
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return "the C++ kernels take CPU tensors; use 'torch' (or a GPU backend) for other devices"
+        problem = _extension.problem()
+        if problem is not None:
+            return f"{problem}. Build it with: {_extension.REBUILD}"
         return None
     raise AssertionError(f"no availability rule for backend {backend!r}")
 
@@ -44,7 +56,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         backend = os.environ.get("FASTCAPS_BACKEND", "auto") or "auto"
         if backend == "auto":
             return next(
-                name for name in _AUTO_ORDER if _unavailable_reason(name, device) is None
+                name for name in AUTO_ORDER if _unavailable_reason(name, device) is None
             )
         source = "FASTCAPS_BACKEND"
     else:

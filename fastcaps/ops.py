@@ -22,7 +22,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _routing_torch
+from . import _extension, _routing_cpu, _routing_torch
 from ._validation import compute_dtype
 
 
@@ -34,6 +34,8 @@ class Kernels(NamedTuple):
 KERNELS: Dict[str, Kernels] = {
     "torch": Kernels(_routing_torch.routing_forward, _routing_torch.routing_backward),
 }
+if _extension.problem() is None:
+    KERNELS["cpu"] = Kernels(_routing_cpu.routing_forward, _routing_cpu.routing_backward)
 
 
 def _kernels(backend: str) -> Kernels:

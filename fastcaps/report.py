@@ -334,7 +334,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--batch", action="append", type=int, help="repeatable; default: 1, 32, 128")
     parser.add_argument("--iterations", action="append", type=int, help="repeatable; default: 3")
     parser.add_argument("--mode", action="append", choices=bench.MODES, help="repeatable; default: both")
-    parser.add_argument("--provider", action="append", help="repeatable; default: every provider on the device")
+    parser.add_argument("--provider", action="append",
+                        help="repeatable; default: reference, reference-compiled and the kernels 'auto' may pick "
+                             "(add opt-in ones, e.g. --provider cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds per group, at least")
     parser.add_argument("--min-seconds", type=float, default=4.0,

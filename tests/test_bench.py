@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastcaps import bench, cli, report
+from fastcaps.backends import available_backends
 
 MNIST = bench.CASES["mnist"]
 
@@ -59,7 +60,9 @@ def test_compare_agrees_on_overlapping_spreads_only(tmp_path, capsys):
     assert "DISAGREE" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("provider", bench.providers("cpu"))
+@pytest.mark.parametrize(
+    "provider", ["reference", "reference-compiled"] + [b for b in available_backends("cpu") if b != "reference"]
+)
 @pytest.mark.parametrize("mode", bench.MODES)
 def test_every_provider_runs_in_every_mode(provider, mode):
     runner = bench.make_runner(bench.Point("small", bench.Shape(5, 3, 4, 6), 3, 2, mode, provider))

@@ -7,15 +7,18 @@ import fastcaps
 from fastcaps import _routing_torch, check, ops, reference
 
 FULL_GRID = check.full_cases()
+# Every kernel of the routing op that runs here ("torch", and "cpu" when the extension is built).
+KERNELS = [b for b in fastcaps.available_backends("cpu") if b != "reference"]
 
 
 @pytest.mark.parametrize("case", FULL_GRID, ids=lambda c: f"{c.shape} {c.options}".replace(" ", "-"))
-def test_torch_backend_matches_reference_on_the_full_grid(case):
+def test_kernels_match_reference_on_the_full_grid(case):
     seed = FULL_GRID.index(case)
     oracle = check.oracle_for(case, seed)
-    for dtype in (torch.float64, torch.float32):
-        row = check.check_case("torch", case, dtype, seed, oracle)
-        assert row.passed, check.format_row(row)
+    for backend in KERNELS:
+        for dtype in (torch.float64, torch.float32):
+            row = check.check_case(backend, case, dtype, seed, oracle)
+            assert row.passed, check.format_row(row)
 
 
 def _small_inputs(dtype=torch.float64, batch=3, in_caps=5, out_caps=4, out_dim=3, in_dim=2, bias=True, seed=0):
@@ -30,12 +33,13 @@ def _small_inputs(dtype=torch.float64, batch=3, in_caps=5, out_caps=4, out_dim=3
 # grid test checks it against the frozen-coupling forward (fastcaps.check).
 @pytest.mark.parametrize("iterations, detach", [(1, False), (2, False), (3, False), (1, True)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gradcheck(iterations, detach, with_bias):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_gradcheck(iterations, detach, with_bias, backend):
     u, weight, bias = _small_inputs(bias=with_bias)
 
     def route(u, weight, *maybe_bias):
         bias = maybe_bias[0] if maybe_bias else None
-        return fastcaps.dynamic_routing(u, weight, bias, iterations, detach, backend="torch")
+        return fastcaps.dynamic_routing(u, weight, bias, iterations, detach, backend=backend)
 
     inputs = (u, weight) + ((bias,) if with_bias else ())
     assert torch.autograd.gradcheck(route, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -43,33 +47,36 @@ def test_gradcheck(iterations, detach, with_bias):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_routing_and_backward(with_bias, dtype):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_opcheck_routing_and_backward(with_bias, dtype, backend):
     u, weight, bias = _small_inputs(dtype=dtype, bias=with_bias)
-    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, "torch"))
-    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 2, True, "torch"))
-    v, s = torch.ops.fastcaps.routing(u, weight, bias, 3, False, "torch")
+    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, backend))
+    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 2, True, backend))
+    v, s = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
     grad_v = torch.randn_like(v)
     torch.library.opcheck(
         torch.ops.fastcaps.routing_backward.default,
-        (grad_v, u.detach(), weight.detach(), None if bias is None else bias.detach(), s, 3, False, "torch"),
+        (grad_v, u.detach(), weight.detach(), None if bias is None else bias.detach(), s, 3, False, backend),
     )
 
 
-def test_saved_state_is_only_s_per_iteration():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_saved_state_is_only_s_per_iteration(backend):
     u, weight, bias = _small_inputs()
-    v, s = torch.ops.fastcaps.routing(u, weight, bias, 3, False, "torch")
+    v, s = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
     assert s.shape == (3, 3, 4, 3) and not s.requires_grad
     # s[:, t] is the pre-squash sum of iteration t: the last one squashes to v.
     torch.testing.assert_close(fastcaps.squash(s[:, -1]), v)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_compute_in_float32(dtype):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_half_inputs_compute_in_float32(dtype, backend):
     """|kernel - ref64| <= 2 |ref_same_dtype - ref64| + atol, and the output keeps the dtype."""
     u, weight, bias = _small_inputs(dtype=torch.float64, batch=4, in_caps=40, out_caps=5, out_dim=8, in_dim=4)
     low = [t.detach().to(dtype).requires_grad_() for t in (u, weight, bias)]
     exact = [t.detach().double().requires_grad_() for t in low]
-    v = fastcaps.dynamic_routing(*low, iterations=3, backend="torch")
+    v = fastcaps.dynamic_routing(*low, iterations=3, backend=backend)
     assert v.dtype == dtype
     v_ref_low = reference.dynamic_routing(*low, iterations=3)
     v_exact = reference.dynamic_routing(*exact, iterations=3)
@@ -84,9 +91,10 @@ def test_half_inputs_compute_in_float32(dtype):
         assert error <= 2 * (same.double() - want).abs().max().item() + atol
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_empty_batch(backend):
     u, weight, bias = _small_inputs(batch=0)
-    v = fastcaps.dynamic_routing(u, weight, bias, backend="torch")
+    v = fastcaps.dynamic_routing(u, weight, bias, backend=backend)
     assert v.shape == (0, 4, 3)
     v.sum().backward()
     assert u.grad.shape == u.shape
