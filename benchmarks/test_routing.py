@@ -1,6 +1,6 @@
 """Routing speed and memory per case, batch, depth and mode, every provider side by side.
 
-    pytest benchmarks/ --benchmark-only                         # the whole grid (about 30 min on 2 cores)
+    pytest benchmarks/ --benchmark-only                         # the whole grid (51 min on 2 cores)
     pytest benchmarks/ --benchmark-only -k "mnist and B128"     # one slice
     pytest benchmarks/ --benchmark-only --benchmark-json out.json
 
