@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -271,7 +271,6 @@ class Result:
     seconds: List[float]
     first_call_seconds: float
     peak_bytes: Optional[int]
-    extra: dict = field(default_factory=dict)
 
     @property
     def timing(self) -> Timing:
