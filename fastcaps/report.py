@@ -327,7 +327,7 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "bench", help="check, then time and measure every provider: table, JSON and chart",
         description=__doc__ + "\nThe default run (MNIST DigitCaps, B in 1, 32, 128, r = 3, both modes) takes "
-        "about 4 minutes on 2 CPU cores.",
+        "4 to 5 minutes on 2 CPU cores.",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--case", action="append", choices=list(bench.CASES), help="repeatable; default: mnist")
