@@ -105,6 +105,19 @@ inline void squash_backward(const T* s, const T* g, const Dims& d, T* sigma) {
   }
 }
 
+// delta[j] = dL/dlogit_j = c_j (gamma_j - sum_k c_k gamma_k), with gamma_j = sigma_j . u_hat[i, j]:
+// the gradient through the coupling c_j (DESIGN.md section 3).
+template <typename T>
+inline void logit_gradients(const T* u_hat_i, const T* sigma, const T* c, const Dims& d, T* delta) {
+  const int64_t J = d.out_caps, D = d.out_dim;
+  T mean = T(0);
+  for (int64_t j = 0; j < J; ++j) {
+    delta[j] = dot(sigma + j * D, u_hat_i + j * D, D);
+    mean += c[j] * delta[j];
+  }
+  for (int64_t j = 0; j < J; ++j) delta[j] = c[j] * (delta[j] - mean);
+}
+
 template <typename T>
 void forward_kernel(const T* u, const T* weight_t, const T* bias, const Dims& d, T* v_out, T* s_out) {
   const int64_t I = d.in_caps, J = d.out_caps, D = d.out_dim, jd = d.jd(), r = d.iterations;
@@ -150,7 +163,7 @@ void backward_kernel(const T* grad_v, const T* u, const T* weight_t, const T* s_
 
   // Phase A, per sample: V_t from s, then sigma_t for t = r..1 and G = dL/dV through the logits.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> u_hat(I * jd), v(jd), grad_routed(jd), grad_v_t(jd), c(J), gamma(J);
+    std::vector<T> u_hat(I * jd), grad_routed(jd), grad_v_t(jd), c(J), delta(J);
     for (int64_t b = begin; b < end; ++b) {
       const T* s_b = s_all + b * r * jd;
       T* routed_b = routed.data() + b * r * jd;
@@ -177,15 +190,9 @@ void backward_kernel(const T* grad_v, const T* u, const T* weight_t, const T* s_
         for (int64_t i = 0; i < I; ++i) {
           const T* row = u_hat.data() + i * jd;
           couplings(row, routed_b + t * jd, d, c.data());
-          T mean = T(0);
-          for (int64_t j = 0; j < J; ++j) {
-            gamma[j] = dot(sig + j * D, row + j * D, D);
-            mean += c[j] * gamma[j];
-          }
-          for (int64_t j = 0; j < J; ++j) {
-            const T delta = c[j] * (gamma[j] - mean);
-            for (int64_t k = 0; k < D; ++k) grad_routed[j * D + k] += delta * row[j * D + k];
-          }
+          logit_gradients(row, sig, c.data(), d, delta.data());
+          for (int64_t j = 0; j < J; ++j)
+            for (int64_t k = 0; k < D; ++k) grad_routed[j * D + k] += delta[j] * row[j * D + k];
         }
       }
     }
@@ -199,7 +206,7 @@ void backward_kernel(const T* grad_v, const T* u, const T* weight_t, const T* s_
 
   // Phase B, per input capsule, the batch in order: g_uhat, then grad u and grad W.
   at::parallel_for(0, I, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> row(jd), grad_row(jd), c(J), gamma(J);
+    std::vector<T> row(jd), grad_row(jd), c(J), delta(J);
     for (int64_t i = begin; i < end; ++i) {
       const T* weight_i = weight_t + i * Din * jd;
       T* grad_weight_i = grad_weight_t + i * Din * jd;
@@ -212,19 +219,14 @@ void backward_kernel(const T* grad_v, const T* u, const T* weight_t, const T* s_
           const T* sig = sigma.data() + (b * r + t) * jd;
           const T* routed_t = routed.data() + (b * r + t) * jd;
           couplings(row.data(), t == 0 ? nullptr : routed_t, d, c.data());
-          T mean = T(0);
-          const bool through_logits = t > 0 && !detach;
-          if (through_logits) {
-            for (int64_t j = 0; j < J; ++j) {
-              gamma[j] = dot(sig + j * D, row.data() + j * D, D);
-              mean += c[j] * gamma[j];
-            }
+          if (t > 0 && !detach) {
+            logit_gradients(row.data(), sig, c.data(), d, delta.data());
+          } else {
+            std::fill(delta.begin(), delta.end(), T(0));  // constant couplings
           }
-          for (int64_t j = 0; j < J; ++j) {
-            const T delta = through_logits ? c[j] * (gamma[j] - mean) : T(0);
+          for (int64_t j = 0; j < J; ++j)
             for (int64_t k = 0; k < D; ++k)
-              grad_row[j * D + k] += c[j] * sig[j * D + k] + delta * routed_t[j * D + k];
-          }
+              grad_row[j * D + k] += c[j] * sig[j * D + k] + delta[j] * routed_t[j * D + k];
         }
         T* grad_u_bi = grad_u + (b * I + i) * Din;
         for (int64_t e = 0; e < Din; ++e) {

@@ -245,13 +245,17 @@ def peak_memory(point: Point, timeout: float = 900) -> int:
     RSS instead of being reused unseen.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    result = subprocess.run(
-        [sys.executable, "-m", "fastcaps.bench", "--memory-worker", json.dumps(_point_to_json(point))],
-        capture_output=True, text=True, env=env, timeout=timeout,
-    )
+    return _run_worker("--memory-worker", _point_to_json(point), f"{point.label} {point.provider}", timeout, env)
+
+
+def _run_worker(flag: str, payload, what: str, timeout: float, env: Optional[dict] = None):
+    """Run ``python -m fastcaps.bench FLAG PAYLOAD`` in a fresh process; its last line of
+    output, parsed as JSON."""
+    result = subprocess.run([sys.executable, "-m", "fastcaps.bench", flag, json.dumps(payload)],
+                            capture_output=True, text=True, env=env, timeout=timeout)
     if result.returncode != 0:
-        raise RuntimeError(f"memory worker for {point.label} {point.provider} failed:\n{result.stderr}")
-    return int(result.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{flag[2:]} for {what} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _point_to_json(point: Point) -> dict:
@@ -282,8 +286,7 @@ class Result:
         return flops(p.shape, p.batch, p.iterations, p.mode) / self.timing.median / 1e9
 
 
-def measure_group(group: Sequence[Point], repeats: int, warmup: int = 1, min_seconds: float = 0.0,
-                  memory: bool = True) -> List[Result]:
+def measure_group(group: Sequence[Point], repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> List[Result]:
     """Time the providers of one group in interleaved rounds, one call each per round, the
     order rotated every round; at least ``repeats`` rounds, more (up to 10x) until the
     rounds took ``min_seconds``. Sample k of every result comes from round k, so ratios
@@ -304,10 +307,7 @@ def measure_group(group: Sequence[Point], repeats: int, warmup: int = 1, min_sec
             samples[index].append(seconds)
             elapsed += seconds
         rounds += 1
-    return [
-        Result(point, samples[i], runners[i].first_call_seconds, peak_memory(point) if memory else None)
-        for i, point in enumerate(group)
-    ]
+    return [Result(point, samples[i], runners[i].first_call_seconds, None) for i, point in enumerate(group)]
 
 
 def measure_group_in_processes(group: Sequence[Point], processes: int, repeats: int, warmup: int = 1,
@@ -323,11 +323,7 @@ def measure_group_in_processes(group: Sequence[Point], processes: int, repeats: 
     samples: List[List[float]] = [[] for _ in group]
     first_call = [0.0 for _ in group]
     for _ in range(processes):
-        result = subprocess.run([sys.executable, "-m", "fastcaps.bench", "--time-worker", json.dumps(payload)],
-                                capture_output=True, text=True, timeout=1800)
-        if result.returncode != 0:
-            raise RuntimeError(f"timing worker for {group[0].label} failed:\n{result.stderr}")
-        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        measured = _run_worker("--time-worker", payload, group[0].label, timeout=1800)
         for i in range(len(group)):
             samples[i].extend(measured["seconds"][i])
             first_call[i] = max(first_call[i], measured["first_call_seconds"][i])
@@ -340,7 +336,7 @@ def measure_group_in_processes(group: Sequence[Point], processes: int, repeats: 
 def _time_worker(payload: dict) -> dict:
     steady_state_allocator()
     group = [_point_from_json(p) for p in payload["points"]]
-    results = measure_group(group, payload["repeats"], payload["warmup"], payload["min_seconds"], memory=False)
+    results = measure_group(group, payload["repeats"], payload["warmup"], payload["min_seconds"])
     return {"seconds": [r.seconds for r in results], "first_call_seconds": [r.first_call_seconds for r in results]}
 
 

@@ -1,9 +1,9 @@
 """``fastcaps bench``: check, then time and measure every provider; table, JSON and charts.
 
 The providers of a group (same case, batch, depth, mode) are timed in interleaved rounds
-(``bench.measure_group``), in three fresh processes whose rounds are pooled. A speed-up is the median over rounds of the reference's time
-divided by the provider's in the same round; its spread is the first to third quartile
-of those ratios. Two runs agree when their spreads overlap (``fastcaps bench --compare A B``).
+(``bench.measure_group``), in three fresh processes whose rounds are pooled. A speed-up
+is the median over rounds of the reference's time divided by the provider's in the same
+round; its spread is the first to third quartile of those ratios. Two runs agree when their spreads overlap (``fastcaps bench --compare A B``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -110,8 +111,6 @@ def machine() -> dict:
 
 def _git_commit() -> Optional[str]:
     """The source checkout's commit, when fastcaps runs from one."""
-    import subprocess
-
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                                 cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -265,7 +264,8 @@ def compare(path_a: str, path_b: str) -> int:
 
 
 def run_check(device: str) -> bool:
-    """``fastcaps check``'s default cases in float32 for the backends to be timed."""
+    """``fastcaps check``'s default cases in float32, for every backend available on the device
+    (a superset of those to be timed)."""
     backends = [b for b in available_backends(device) if b != "reference"]
     rows_ = check.run(backends, check.default_cases(), [torch.float32])
     failed = [r for r in rows_ if not r.passed]
