@@ -22,7 +22,10 @@ from ._validation import describe
 
 def _norm_and_scale(s: Tensor) -> Tuple[Tensor, Tensor]:
     """n = |s| over the last dim and a = n / (1 + n^2), both with a kept last dim."""
-    norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
+    # |s| taken on s / max|s_k|: its squares can neither overflow (|s| ~ 1e30 in float32 would
+    # give n = inf and v = 0) nor underflow.
+    largest = s.abs().amax(dim=-1, keepdim=True)
+    norm = largest * torch.linalg.vector_norm(s / torch.where(largest > 0, largest, 1), dim=-1, keepdim=True)
     # 1/0 = inf and 1/inf = 0 are exact in IEEE arithmetic: a = 0 at n = 0.
     scale = torch.reciprocal(norm + torch.reciprocal(norm))
     return norm, scale
