@@ -1,291 +1,709 @@
 // Fused CPU routing kernels: DESIGN.md sections 2-3 without materializing u_hat for the batch.
 //
 // Schemas are defined in Python (fastcaps/_routing_cpu.py); this file implements them for
-// the CPU dispatch key. Layouts (all contiguous):
-//   u        (B, I, Din)
-//   weight_t (I, Din, J*D)   weight permuted so that, for one input capsule i, u_hat[i] is
-//                            Din contiguous multiply-adds over J*D values
-//   bias     (J*D) or an empty tensor
-//   s        (B, r, J*D)     each iteration's pre-squash sum, saved for the backward
+// the CPU dispatch key. Arguments (all contiguous):
+//   u       (B, I, Din)
+//   weight  (J, I, D, Din)   the DigitCaps layout
+//   bias    (J, D) or an empty tensor
+//   s       (B, r, J, D)     each iteration's pre-squash sum, saved for the backward
 //
-// Forward: parallel over samples; a thread keeps one sample's u_hat (I x J*D) in a local
-// buffer and makes r passes over it with only V (J*D) and s as routing state.
-// Backward: phase A, parallel over samples, computes sigma_t = dL/ds_t for every t (the
-// r - 1 reduction passes); phase B, parallel over blocks of input capsules, walks the
-// batch in order for each capsule, so grad W is summed over the batch in a fixed order:
-// results are bitwise identical for any thread count.
+// SIMD across input capsules. Capsules are taken in blocks of kLanes (64 bytes of T: 16
+// floats or 8 doubles; the last block is zero-padded), and every per-capsule quantity of a
+// block is one vector whose lane l belongs to capsule block * kLanes + l. u_hat for a block
+// is then jd = J*D vectors, and the logits, softmax, coupling gradients and sums over
+// capsules are all lane-wise arithmetic: no horizontal sums in the inner loops, for any J
+// and D. W and u are repacked to this layout once per call (pack_weight, pack_inputs).
+//
+// Forward: r passes per sample, each a sweep over the blocks that sums c_ij * u_hat_ij; the
+// first pass computes u_hat into a per-sample buffer (blocks x jd vectors) that later
+// passes read. Backward phase A, per sample: the r - 1 reverse passes giving
+// sigma_t = dL/ds_t. Phase B, parallel over blocks, each walking the batch in order:
+// recomputes u_hat and the couplings and accumulates grad u and grad W.
+//
+// Determinism: sums over capsules are taken per chunk of kChunkBlocks blocks and the chunk
+// partials added in chunk order, and grad W is summed over the batch in batch order by the
+// one thread that owns a block, so results are bitwise identical for any thread count.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+// The hot functions are compiled three times, for AVX-512 (x86-64-v4), AVX2+FMA
+// (x86-64-v3) and baseline x86-64, and the dynamic loader picks the best one the machine
+// runs (GCC function multi-versioning). The build itself stays portable: no -march=native.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FASTCAPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTCAPS_CLONES
+#endif
+// Helpers are forced inline so that each clone compiles them for its own instruction set.
+#define FASTCAPS_INLINE inline __attribute__((always_inline))
 
 namespace fastcaps {
 namespace {
 
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(64)));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> integer;
+  typedef integer ivec __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 64 / sizeof(T);
+};
+template <typename T>
+using Vec = typename Simd<T>::vec;
+template <typename T>
+constexpr int64_t kLanes = Simd<T>::lanes;
+
+// Capsule sums are combined per chunk of this many blocks (64 MNIST capsules in float32):
+// the unit of work when few samples are split across threads.
+constexpr int64_t kChunkBlocks = 4;
+
+
+// exp(x) for x <= 0 (a logit minus the row's largest), lane-wise: 2^n * p(r) with
+// r = x - n ln2 in [-ln2/2, ln2/2] and p its Taylor polynomial, degree 7 for float
+// (error 5e-9 relative) and 13 for double (4e-18). NaN stays NaN.
+template <typename T>
+FASTCAPS_INLINE Vec<T> exp_nonpositive(Vec<T> x) {
+  using IVec = typename Simd<T>::ivec;
+  constexpr bool single = sizeof(T) == 4;
+  constexpr int degree = single ? 7 : 13;
+  constexpr int mantissa_bits = single ? 23 : 52;
+  constexpr typename Simd<T>::integer exponent_bias = single ? 127 : 1023;
+  // Below this, exp underflows; clamping keeps 2^n a normal number (the error, ~1e-38 or
+  // ~1e-308 absolute, is below anything a softmax of largest term 1 can resolve).
+  const T lowest = single ? T(-87) : T(-708);
+  const T round_magic = single ? T(12582912.0) : T(6755399441055744.0);  // 1.5 * 2^mantissa_bits
+  const T log2e = T(1.4426950408889634), ln2_hi = T(0.693145751953125), ln2_lo = T(1.428606765330187e-06);
+  x = x < lowest ? lowest : x;
+  const Vec<T> n = (x * log2e + round_magic) - round_magic;  // round to nearest
+  const Vec<T> r = (x - n * ln2_hi) - n * ln2_lo;
+  T inverse_factorial[degree + 1];
+  inverse_factorial[0] = T(1);
+  for (int k = 1; k <= degree; ++k) inverse_factorial[k] = inverse_factorial[k - 1] / T(k);
+  Vec<T> p = r * inverse_factorial[degree] + inverse_factorial[degree - 1];
+  for (int k = degree - 2; k >= 0; --k) p = p * r + inverse_factorial[k];
+  const IVec exponent = (__builtin_convertvector(n, IVec) + exponent_bias) << mantissa_bits;
+  return p * (Vec<T>)exponent;  // a vector cast reinterprets the bits
+}
+
+// n vectors, 64-byte aligned (std::vector<Vec<T>> drops the vector type's alignment, and
+// aligned vector loads of misaligned memory fault). Not initialized: users write before reading.
+template <typename T>
+class LaneArray {
+ public:
+  explicit LaneArray(int64_t n = 0) : size_(n), memory_(std::aligned_alloc(64, std::max<int64_t>(n, 1) * 64)) {
+    TORCH_CHECK(memory_ != nullptr, "routing_cpu: out of memory allocating ", n * 64, " bytes");
+  }
+  Vec<T>* data() const { return static_cast<Vec<T>*>(memory_.get()); }
+  Vec<T>& operator[](int64_t k) const { return data()[k]; }
+  int64_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(void* memory) const { std::free(memory); }
+  };
+  int64_t size_;
+  std::unique_ptr<void, Free> memory_;
+};
+
+template <typename T>
+FASTCAPS_INLINE T lane_sum(const Vec<T>& v) {
+  T total = T(0);
+  for (int64_t l = 0; l < kLanes<T>; ++l) total += v[l];
+  return total;
+}
+
 struct Dims {
   int64_t batch, in_caps, in_dim, out_caps, out_dim, iterations;
   int64_t jd() const { return out_caps * out_dim; }
+  template <typename T>
+  int64_t blocks() const { return (in_caps + kLanes<T> - 1) / kLanes<T>; }
+  template <typename T>
+  int64_t chunks() const { return (blocks<T>() + kChunkBlocks - 1) / kChunkBlocks; }
 };
 
-// a = |s| / (1 + |s|^2) written as 1 / (n + 1/n): 0 at n = 0 and at n = inf, never NaN.
-template <typename T>
-inline T squash_scale(T norm) {
-  return norm > T(0) ? T(1) / (norm + T(1) / norm) : T(0);
+// u_hat buffers are held for a group of samples at a time, at most this many bytes (11
+// MNIST samples in float32): each chunk's W is then packed once per group, and memory stays
+// bounded whatever the batch.
+constexpr int64_t kGroupBytes = int64_t(8) << 20;
+
+// Passes run one sample per thread, over a shared packed copy of W, from this many samples
+// per thread; below it, each pass is split over chunks of capsules (see run_passes).
+constexpr int64_t kSamplesPerThread = 4;
+
+inline bool samples_in_parallel(int64_t batch) {
+  return batch >= kSamplesPerThread * at::get_num_threads();
 }
 
+// u in the lane layout, the raw W, and the shared packed W when samples run in parallel.
+// (Otherwise W is packed per chunk or block where it is used: writing out 5.9 MB of packed
+// MNIST weights costs more than the passes at small batches.)
 template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T acc = T(0);
-  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
-  return acc;
+struct Packed {
+  Dims d;
+  int64_t jd, blocks, chunks;
+  const T* weight;              // (J, I, D, Din); packed per block: [e, j*D + d][l] = W[j, blk*L + l, d, e]
+  std::vector<int64_t> offset;  // see packed_offsets
+  LaneArray<T> packed_weight;   // (blocks, Din, jd), or empty
+  LaneArray<T> inputs;          // (B, blocks, Din): inputs[b, blk, e][l] = u[b, blk*L + l, e]
+
+  int64_t block_size() const { return d.in_dim * jd; }  // vectors of packed W per block
+  const Vec<T>* input_block(int64_t b, int64_t blk) const { return inputs.data() + (b * blocks + blk) * d.in_dim; }
+};
+
+// Lane permutation for one butterfly stage of an L x L transpose: rows a and b = a + h
+// become [a, b] shuffled by these indices (0..L-1 from a, L..2L-1 from b).
+template <typename T, int64_t h, bool second, std::size_t... lane>
+constexpr typename Simd<T>::ivec butterfly_indices(std::index_sequence<lane...>) {
+  using Index = typename Simd<T>::integer;
+  using Indices = typename Simd<T>::ivec;
+  constexpr int64_t L = kLanes<T>;
+  constexpr auto source = [](int64_t x) { return second ? ((x & h) ? L + x : x + h) : ((x & h) ? L + x - h : x); };
+  return Indices{static_cast<Index>(source(static_cast<int64_t>(lane)))...};
 }
 
-// u_hat[i] (J*D) = sum_e u[i, e] * weight_t[i, e, :]
+// Transposes an L x L tile held as L row vectors, in place: log2(L) stages of two-vector
+// shuffles instead of L * L scalar moves.
+template <typename T, int64_t h = kLanes<T> / 2>
+FASTCAPS_INLINE void transpose(Vec<T>* rows) {
+  constexpr auto lanes = std::make_index_sequence<kLanes<T>>{};
+  constexpr typename Simd<T>::ivec first = butterfly_indices<T, h, false>(lanes);
+  constexpr typename Simd<T>::ivec second = butterfly_indices<T, h, true>(lanes);
+  for (int64_t a = 0; a < kLanes<T>; ++a) {
+    if (a & h) continue;
+    const Vec<T> top = rows[a], bottom = rows[a + h];
+    rows[a] = __builtin_shuffle(top, bottom, first);
+    rows[a + h] = __builtin_shuffle(top, bottom, second);
+  }
+  if constexpr (h > 1) transpose<T, h / 2>(rows);
+}
+
+// rows[l][c] = src[l * stride + c] for l < used and c < columns; zero elsewhere.
 template <typename T>
-inline void prediction(const T* u_i, const T* weight_i, const Dims& d, T* out) {
-  const int64_t jd = d.jd();
-  std::fill(out, out + jd, T(0));
-  for (int64_t e = 0; e < d.in_dim; ++e) {
-    const T ue = u_i[e];
-    const T* w = weight_i + e * jd;
-    for (int64_t k = 0; k < jd; ++k) out[k] += ue * w[k];
+FASTCAPS_INLINE void load_tile(const T* src, int64_t stride, int64_t used, int64_t columns, Vec<T>* rows) {
+  for (int64_t l = 0; l < kLanes<T>; ++l) {
+    rows[l] = Vec<T>{};
+    if (l >= used) continue;
+    if (columns == kLanes<T>)
+      std::memcpy(&rows[l], src + l * stride, sizeof(Vec<T>));
+    else
+      for (int64_t c = 0; c < columns; ++c) rows[l][c] = src[l * stride + c];
   }
 }
 
-// c[j] = softmax_j(u_hat[i, j] . routed[j]); uniform when routed is null (first pass).
+// dst[l * stride + c] = rows[l][c] for l < used and c < columns.
 template <typename T>
-inline void couplings(const T* u_hat_i, const T* routed, const Dims& d, T* c) {
-  const int64_t J = d.out_caps, D = d.out_dim;
+FASTCAPS_INLINE void store_tile(const Vec<T>* rows, int64_t used, int64_t columns, T* dst, int64_t stride) {
+  for (int64_t l = 0; l < used; ++l) {
+    if (columns == kLanes<T>)
+      std::memcpy(dst + l * stride, &rows[l], sizeof(Vec<T>));
+    else
+      for (int64_t c = 0; c < columns; ++c) dst[l * stride + c] = rows[l][c];
+  }
+}
+
+// W[j, i] is a D x Din matrix, read as a row of columns c = d * Din + e; the packed block
+// holds column c of W[j, i] at offset[c] + j * D, offset[c] = e * jd + d. A tile covers
+// kLanes capsules and kLanes columns. (The offsets are tabulated: a division per stored
+// vector cost more than the transpose.)
+inline std::vector<int64_t> packed_offsets(const Dims& d) {
+  std::vector<int64_t> offset(d.out_dim * d.in_dim);
+  for (int64_t dd = 0; dd < d.out_dim; ++dd)
+    for (int64_t e = 0; e < d.in_dim; ++e) offset[dd * d.in_dim + e] = e * d.jd() + dd;
+  return offset;
+}
+
+template <typename T>
+FASTCAPS_CLONES void pack_weight_block(const Dims& d, const int64_t* offset, const T* weight, int64_t blk, Vec<T>* out) {
+  const int64_t L = kLanes<T>, columns = d.out_dim * d.in_dim, used = std::min(L, d.in_caps - blk * L);
+  Vec<T> tile[kLanes<T>];
+  for (int64_t j = 0; j < d.out_caps; ++j)
+    for (int64_t c0 = 0; c0 < columns; c0 += L) {
+      const int64_t n = std::min(L, columns - c0);
+      load_tile(weight + (j * d.in_caps + blk * L) * columns + c0, columns, used, n, tile);
+      transpose<T>(tile);
+      for (int64_t q = 0; q < n; ++q) out[offset[c0 + q] + j * d.out_dim] = tile[q];
+    }
+}
+
+// The inverse of pack_weight_block, for grad W.
+template <typename T>
+FASTCAPS_INLINE void unpack_weight_block(const Dims& d, const int64_t* offset, const Vec<T>* packed, int64_t blk,
+                                         T* weight) {
+  const int64_t L = kLanes<T>, columns = d.out_dim * d.in_dim, used = std::min(L, d.in_caps - blk * L);
+  Vec<T> tile[kLanes<T>];
+  for (int64_t j = 0; j < d.out_caps; ++j)
+    for (int64_t c0 = 0; c0 < columns; c0 += L) {
+      const int64_t n = std::min(L, columns - c0);
+      for (int64_t q = 0; q < L; ++q) tile[q] = q < n ? packed[offset[c0 + q] + j * d.out_dim] : Vec<T>{};
+      transpose<T>(tile);
+      store_tile(tile, used, n, weight + (j * d.in_caps + blk * L) * columns + c0, columns);
+    }
+}
+
+// u[b, blk*L + l, e] -> out[e][l], and back (grad u).
+template <typename T>
+FASTCAPS_CLONES void pack_input_block(const Dims& d, const T* u, int64_t b, int64_t blk, Vec<T>* out) {
+  const int64_t L = kLanes<T>, used = std::min(L, d.in_caps - blk * L);
+  Vec<T> tile[kLanes<T>];
+  for (int64_t c0 = 0; c0 < d.in_dim; c0 += L) {
+    const int64_t n = std::min(L, d.in_dim - c0);
+    load_tile(u + (b * d.in_caps + blk * L) * d.in_dim + c0, d.in_dim, used, n, tile);
+    transpose<T>(tile);
+    for (int64_t q = 0; q < n; ++q) out[c0 + q] = tile[q];
+  }
+}
+
+template <typename T>
+FASTCAPS_INLINE void unpack_input_block(const Dims& d, const Vec<T>* packed, int64_t b, int64_t blk, T* u) {
+  const int64_t L = kLanes<T>, used = std::min(L, d.in_caps - blk * L);
+  Vec<T> tile[kLanes<T>];
+  for (int64_t c0 = 0; c0 < d.in_dim; c0 += L) {
+    const int64_t n = std::min(L, d.in_dim - c0);
+    for (int64_t q = 0; q < L; ++q) tile[q] = q < n ? packed[c0 + q] : Vec<T>{};
+    transpose<T>(tile);
+    store_tile(tile, used, n, u + (b * d.in_caps + blk * L) * d.in_dim + c0, d.in_dim);
+  }
+}
+
+template <typename T>
+Packed<T> pack(const Dims& d, const T* u, const T* weight, bool share_weight) {
+  const int64_t Din = d.in_dim, blocks = d.blocks<T>();
+  Packed<T> p{d, d.jd(), blocks, d.chunks<T>(), weight, packed_offsets(d),
+              LaneArray<T>(share_weight ? blocks * Din * d.jd() : 0), LaneArray<T>(d.batch * blocks * Din)};
+  if (share_weight)
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk)
+        pack_weight_block(d, p.offset.data(), weight, blk, p.packed_weight.data() + blk * p.block_size());
+    });
+  at::parallel_for(0, d.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item)
+      pack_input_block(d, u, item / blocks, item % blocks, p.inputs.data() + item * Din);
+  });
+  return p;
+}
+
+template <typename T>
+struct Scratch {
+  LaneArray<T> couplings, logit_grads, sums, row, row_grad, weight, weight_grad, input_grad;
+  explicit Scratch(const Packed<T>& p)
+      : couplings(p.d.out_caps), logit_grads(p.d.out_caps), sums(p.jd), row(p.jd), row_grad(p.jd),
+        weight(kChunkBlocks * p.block_size()), weight_grad(p.block_size()), input_grad(p.d.in_dim) {}
+
+  // W of blocks [first, last): the shared packed copy if there is one, else packed here.
+  const Vec<T>* packed_weight(const Packed<T>& p, int64_t first, int64_t last) {
+    if (p.packed_weight.size() > 0) return p.packed_weight.data() + first * p.block_size();
+    TORCH_INTERNAL_ASSERT(last - first <= kChunkBlocks);
+    for (int64_t blk = first; blk < last; ++blk)
+      pack_weight_block(p.d, p.offset.data(), p.weight, blk, weight.data() + (blk - first) * p.block_size());
+    return weight.data();
+  }
+};
+
+// u_hat of one block: uh[k] = sum_e x[e] * w[e, k] for k < jd. Eight outputs at a time so
+// that eight independent accumulators stay in registers.
+template <typename T>
+FASTCAPS_INLINE void predict(const Vec<T>* x, const Vec<T>* w, int64_t in_dim, int64_t jd, Vec<T>* uh) {
+  constexpr int64_t kUnroll = 8;
+  int64_t k = 0;
+  for (; k + kUnroll <= jd; k += kUnroll) {
+    Vec<T> acc[kUnroll] = {};
+    for (int64_t e = 0; e < in_dim; ++e) {
+      const Vec<T> xe = x[e];
+      const Vec<T>* we = w + e * jd + k;
+      for (int64_t q = 0; q < kUnroll; ++q) acc[q] += xe * we[q];
+    }
+    for (int64_t q = 0; q < kUnroll; ++q) uh[k + q] = acc[q];
+  }
+  for (; k < jd; ++k) {
+    Vec<T> acc = {};
+    for (int64_t e = 0; e < in_dim; ++e) acc += x[e] * w[e * jd + k];
+    uh[k] = acc;
+  }
+}
+
+// c[j] = softmax_j(uh_j . routed_j) lane-wise; uniform 1/J when routed is null (first pass).
+template <typename T>
+FASTCAPS_INLINE void couplings(const Vec<T>* uh, const T* routed, int64_t J, int64_t D, Vec<T>* c) {
   if (routed == nullptr) {
-    std::fill(c, c + J, T(1) / T(J));
+    for (int64_t j = 0; j < J; ++j) c[j] = Vec<T>{} + T(1) / T(J);
     return;
   }
-  T largest = -INFINITY;
   for (int64_t j = 0; j < J; ++j) {
-    c[j] = dot(u_hat_i + j * D, routed + j * D, D);
-    largest = std::max(largest, c[j]);
+    Vec<T> logit = {};
+    for (int64_t dd = 0; dd < D; ++dd) logit += routed[j * D + dd] * uh[j * D + dd];
+    c[j] = logit;
   }
-  T total = T(0);
+  Vec<T> largest = c[0];
+  for (int64_t j = 1; j < J; ++j) largest = c[j] > largest ? c[j] : largest;
+  Vec<T> total = {};
   for (int64_t j = 0; j < J; ++j) {
-    c[j] = std::exp(c[j] - largest);
+    c[j] = exp_nonpositive<T>(c[j] - largest);
     total += c[j];
   }
-  const T inverse = T(1) / total;
+  const Vec<T> inverse = T(1) / total;
   for (int64_t j = 0; j < J; ++j) c[j] *= inverse;
 }
 
-// sigma = J(s) g per output capsule: a g + a (1 - n^2)/(1 + n^2) s_hat (s_hat . g).
+// delta[j] = dL/dlogit_j = c_j (gamma_j - sum_k c_k gamma_k), gamma_j = sigma_j . uh_j: the
+// gradient through the couplings (DESIGN.md section 3), lane-wise.
 template <typename T>
-inline void squash_backward(const T* s, const T* g, const Dims& d, T* sigma) {
-  const int64_t D = d.out_dim;
-  for (int64_t j = 0; j < d.out_caps; ++j) {
-    const T* sj = s + j * D;
-    const T* gj = g + j * D;
-    T* out = sigma + j * D;
-    const T norm = std::sqrt(dot(sj, sj, D));
-    const T scale = squash_scale(norm);
-    if (norm > T(0)) {
-      const T radial = T(2) / (T(1) + norm * norm) - T(1);
-      const T along = dot(sj, gj, D) / (norm * norm);  // (s_hat . g) / n
-      for (int64_t k = 0; k < D; ++k) out[k] = scale * (gj[k] + radial * along * sj[k]);
-    } else {
-      for (int64_t k = 0; k < D; ++k) out[k] = scale * gj[k];
-    }
-  }
-}
-
-// delta[j] = dL/dlogit_j = c_j (gamma_j - sum_k c_k gamma_k), with gamma_j = sigma_j . u_hat[i, j]:
-// the gradient through the coupling c_j (DESIGN.md section 3).
-template <typename T>
-inline void logit_gradients(const T* u_hat_i, const T* sigma, const T* c, const Dims& d, T* delta) {
-  const int64_t J = d.out_caps, D = d.out_dim;
-  T mean = T(0);
+FASTCAPS_INLINE void logit_gradients(const Vec<T>* uh, const T* sigma, const Vec<T>* c, int64_t J, int64_t D,
+                                     Vec<T>* delta) {
+  Vec<T> mean = {};
   for (int64_t j = 0; j < J; ++j) {
-    delta[j] = dot(sigma + j * D, u_hat_i + j * D, D);
-    mean += c[j] * delta[j];
+    Vec<T> gamma = {};
+    for (int64_t dd = 0; dd < D; ++dd) gamma += sigma[j * D + dd] * uh[j * D + dd];
+    delta[j] = gamma;
+    mean += c[j] * gamma;
   }
   for (int64_t j = 0; j < J; ++j) delta[j] = c[j] * (delta[j] - mean);
 }
 
+// acc[j*D + d] += weight[j] * uh[j*D + d]
 template <typename T>
-void forward_kernel(const T* u, const T* weight_t, const T* bias, const Dims& d, T* v_out, T* s_out) {
-  const int64_t I = d.in_caps, J = d.out_caps, D = d.out_dim, jd = d.jd(), r = d.iterations;
-  at::parallel_for(0, d.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> u_hat(I * jd), routed(jd), c(J);
-    for (int64_t b = begin; b < end; ++b) {
-      const T* u_b = u + b * I * d.in_dim;
-      for (int64_t i = 0; i < I; ++i)
-        prediction(u_b + i * d.in_dim, weight_t + i * d.in_dim * jd, d, u_hat.data() + i * jd);
-      std::fill(routed.begin(), routed.end(), T(0));
-      for (int64_t t = 0; t < r; ++t) {
-        T* s = s_out + (b * r + t) * jd;
-        std::fill(s, s + jd, T(0));
-        for (int64_t i = 0; i < I; ++i) {
-          const T* row = u_hat.data() + i * jd;
-          couplings(row, t == 0 ? nullptr : routed.data(), d, c.data());
-          for (int64_t j = 0; j < J; ++j)
-            for (int64_t k = 0; k < D; ++k) s[j * D + k] += c[j] * row[j * D + k];
-        }
-        if (bias != nullptr)
-          for (int64_t k = 0; k < jd; ++k) s[k] += bias[k];
-        T* v = v_out + b * jd;
-        for (int64_t j = 0; j < J; ++j) {
-          const T scale = squash_scale(std::sqrt(dot(s + j * D, s + j * D, D)));
-          for (int64_t k = 0; k < D; ++k) {
-            v[j * D + k] = scale * s[j * D + k];
-            routed[j * D + k] += v[j * D + k];
-          }
-        }
-      }
+FASTCAPS_INLINE void accumulate(const Vec<T>* weight, const Vec<T>* uh, int64_t J, int64_t D, Vec<T>* acc) {
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t dd = 0; dd < D; ++dd) acc[j * D + dd] += weight[j] * uh[j * D + dd];
+}
+
+// One routing pass over one chunk of sample b's capsules, written to partial (jd values):
+//   forward  (sigma null):     sum_i c_ij uh_ij, the chunk's share of s_t;
+//   backward (sigma not null): sum_i delta_ij uh_ij, its share of dL/dV_{t-1}.
+// routed is V_{t-1} (null on the first forward pass: uniform couplings). With predict the
+// chunk's u_hat is computed into uh_sample, else read from it.
+template <typename T>
+struct Pass {
+  int64_t sample, chunk;
+  bool predict;
+  const T* routed;
+  const T* sigma;
+};
+
+template <typename T>
+FASTCAPS_CLONES void sweep_chunk(const Packed<T>& p, const Pass<T>& pass, const Vec<T>* chunk_weight,
+                                 Vec<T>* uh_sample, Scratch<T>& scratch, T* partial) {
+  const int64_t J = p.d.out_caps, D = p.d.out_dim, jd = p.jd;
+  Vec<T>* sums = scratch.sums.data();
+  std::fill(sums, sums + jd, Vec<T>{});
+  const int64_t first = pass.chunk * kChunkBlocks, last = std::min(p.blocks, first + kChunkBlocks);
+  for (int64_t blk = first; blk < last; ++blk) {
+    Vec<T>* uh = uh_sample + blk * jd;
+    if (pass.predict)
+      predict<T>(p.input_block(pass.sample, blk), chunk_weight + (blk - first) * p.block_size(), p.d.in_dim, jd, uh);
+    couplings<T>(uh, pass.routed, J, D, scratch.couplings.data());
+    if (pass.sigma == nullptr) {
+      accumulate<T>(scratch.couplings.data(), uh, J, D, sums);
+    } else {
+      logit_gradients<T>(uh, pass.sigma, scratch.couplings.data(), J, D, scratch.logit_grads.data());
+      accumulate<T>(scratch.logit_grads.data(), uh, J, D, sums);
     }
-  });
+  }
+  for (int64_t k = 0; k < jd; ++k) partial[k] = lane_sum<T>(sums[k]);
+}
+
+// Runs `steps` passes for every sample: pass k of sample b sweeps all its chunks
+// (pass_of(b, k, chunk) says how), then finish(b, k, partials) combines the chunk partials.
+// Two schedules; a sample's arithmetic is the same in both, and whatever the thread count:
+// - many samples: parallel over samples, each thread with one u_hat buffer that stays in
+//   its cache, reading the shared packed W;
+// - few samples: in groups (kGroupBytes of u_hat buffers), each pass parallel over chunks,
+//   each chunk walking the group's samples with its W packed once.
+template <typename T, typename PassOf, typename Finish>
+void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const Finish& finish) {
+  const int64_t per_sample = p.blocks * p.jd, partials_per_sample = p.chunks * p.jd, B = p.d.batch;
+  if (steps == 0 || B == 0) return;
+  const auto chunk_weight = [&](Scratch<T>& scratch, int64_t chunk) {
+    return scratch.packed_weight(p, chunk * kChunkBlocks, std::min(p.blocks, (chunk + 1) * kChunkBlocks));
+  };
+  if (p.packed_weight.size() > 0) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      LaneArray<T> uh(per_sample);
+      std::vector<T> partials(partials_per_sample);
+      Scratch<T> scratch(p);
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t k = 0; k < steps; ++k) {
+          for (int64_t chunk = 0; chunk < p.chunks; ++chunk)
+            sweep_chunk(p, pass_of(b, k, chunk), chunk_weight(scratch, chunk), uh.data(), scratch,
+                        partials.data() + chunk * p.jd);
+          finish(b, k, partials.data());
+        }
+    });
+    return;
+  }
+  const int64_t group = std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(per_sample * sizeof(Vec<T>), 1), 1, B);
+  LaneArray<T> uh(group * per_sample);
+  std::vector<T> partials(group * partials_per_sample);
+  for (int64_t start = 0; start < B; start += group) {
+    const int64_t size = std::min(group, B - start);
+    for (int64_t k = 0; k < steps; ++k) {
+      at::parallel_for(0, p.chunks, 1, [&](int64_t begin, int64_t end) {
+        Scratch<T> scratch(p);
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          const Vec<T>* weight = pass_of(start, k, chunk).predict ? chunk_weight(scratch, chunk) : nullptr;
+          for (int64_t b = 0; b < size; ++b)
+            sweep_chunk(p, pass_of(start + b, k, chunk), weight, uh.data() + b * per_sample, scratch,
+                        partials.data() + (b * p.chunks + chunk) * p.jd);
+        }
+      });
+      for (int64_t b = 0; b < size; ++b) finish(start + b, k, partials.data() + b * partials_per_sample);
+    }
+  }
+}
+
+// out[k] = sum over chunks of partials[chunk, k], in chunk order.
+template <typename T>
+void sum_chunks(const T* partials, int64_t chunks, int64_t jd, T* out) {
+  std::fill(out, out + jd, T(0));
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t k = 0; k < jd; ++k) out[k] += partials[chunk * jd + k];
+}
+
+// |s| of one capsule, taken on s / max|s_k| so that its squares neither overflow nor underflow.
+template <typename T>
+T capsule_norm(const T* s, int64_t D) {
+  T largest = T(0);
+  for (int64_t k = 0; k < D; ++k) largest = std::max(largest, std::abs(s[k]));
+  if (largest == T(0)) return T(0);
+  T total = T(0);
+  for (int64_t k = 0; k < D; ++k) total += (s[k] / largest) * (s[k] / largest);
+  return largest * std::sqrt(total);
+}
+
+// a = |s| / (1 + |s|^2) written as 1 / (n + 1/n): 0 at n = 0 and at n = inf, never NaN.
+template <typename T>
+T squash_scale(T norm) {
+  return T(1) / (norm + T(1) / norm);
+}
+
+// v = squash(s) per output capsule.
+template <typename T>
+void squash(const T* s, int64_t J, int64_t D, T* v) {
+  for (int64_t j = 0; j < J; ++j) {
+    const T scale = squash_scale(capsule_norm(s + j * D, D));
+    for (int64_t k = 0; k < D; ++k) v[j * D + k] = scale * s[j * D + k];
+  }
+}
+
+// sigma = J(s) g per output capsule: a (g + (2 / (1 + n^2) - 1) s_hat (s_hat . g)).
+template <typename T>
+void squash_backward(const T* s, const T* g, int64_t J, int64_t D, T* sigma) {
+  for (int64_t j = 0; j < J; ++j) {
+    const T* sj = s + j * D;
+    const T* gj = g + j * D;
+    const T norm = capsule_norm(sj, D);
+    const T scale = squash_scale(norm);
+    T along = T(0);  // s_hat . g
+    if (norm > T(0))
+      for (int64_t k = 0; k < D; ++k) along += sj[k] / norm * gj[k];
+    const T radial = T(2) / (T(1) + norm * norm) - T(1);
+    for (int64_t k = 0; k < D; ++k) {
+      const T unit = norm > T(0) ? sj[k] / norm : T(0);
+      sigma[j * D + k] = scale * (gj[k] + radial * along * unit);
+    }
+  }
 }
 
 template <typename T>
-void backward_kernel(const T* grad_v, const T* u, const T* weight_t, const T* s_all, const Dims& d, bool detach,
-                     T* grad_u, T* grad_weight_t, T* grad_bias) {
-  const int64_t B = d.batch, I = d.in_caps, Din = d.in_dim, J = d.out_caps, D = d.out_dim, jd = d.jd(),
-                r = d.iterations;
-  const int64_t first = detach ? r - 1 : 0;  // with detach only the last iteration carries gradient
-  // routed[b, t] = V_{t-1} (0 for t = 0) and sigma[b, t] = dL/ds_t; small: B x r x J*D each.
-  std::vector<T> routed(B * r * jd, T(0)), sigma(B * r * jd, T(0));
+void forward_kernel(const Packed<T>& p, const T* bias, T* v_out, T* s_out) {
+  const Dims& d = p.d;
+  const int64_t jd = p.jd, r = d.iterations;
+  std::vector<T> routed(d.batch * jd, T(0));  // V_{t-1} per sample
+  auto pass_of = [&](int64_t b, int64_t t, int64_t chunk) {
+    return Pass<T>{b, chunk, t == 0, t == 0 ? nullptr : routed.data() + b * jd, nullptr};
+  };
+  auto finish = [&](int64_t b, int64_t t, const T* partials) {
+    T* s = s_out + (b * r + t) * jd;
+    T* v = v_out + b * jd;
+    sum_chunks(partials, p.chunks, jd, s);
+    if (bias != nullptr)
+      for (int64_t k = 0; k < jd; ++k) s[k] += bias[k];
+    squash(s, d.out_caps, d.out_dim, v);
+    for (int64_t k = 0; k < jd; ++k) routed[b * jd + k] += v[k];
+  };
+  run_passes(p, r, pass_of, finish);
+}
 
-  // Phase A, per sample: V_t from s, then sigma_t for t = r..1 and G = dL/dV through the logits.
+// Per-sample routing state the backward needs: V_{t-1} and sigma_t = dL/ds_t, (B, r, jd) each.
+template <typename T>
+struct BackwardState {
+  int64_t iterations, jd, first;  // first: the first iteration that carries gradient
+  bool detach;
+  std::vector<T> routed, sigma;
+  const T* routed_at(int64_t b, int64_t t) const { return t == 0 ? nullptr : routed.data() + (b * iterations + t) * jd; }
+  const T* sigma_at(int64_t b, int64_t t) const { return sigma.data() + (b * iterations + t) * jd; }
+};
+
+// Phase B for one block of capsules, the batch in order: g = dL/du_hat, then
+// grad u = W^T g and grad W += u g^T, written in the caller's layouts.
+template <typename T>
+FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& state, int64_t blk,
+                                    Scratch<T>& scratch, T* grad_u, T* grad_weight) {
+  const Dims& d = p.d;
+  const int64_t Din = d.in_dim, J = d.out_caps, D = d.out_dim, jd = p.jd;
+  const Vec<T>* w = scratch.packed_weight(p, blk, blk + 1);  // in this core's cache for the whole batch
+  Vec<T>* uh = scratch.row.data();
+  Vec<T>* c = scratch.couplings.data();
+  Vec<T>* delta = scratch.logit_grads.data();
+  Vec<T>* gw = scratch.weight_grad.data();
+  Vec<T>* grad_x = scratch.input_grad.data();
+  std::fill(gw, gw + Din * jd, Vec<T>{});
+  for (int64_t b = 0; b < d.batch; ++b) {
+    const Vec<T>* x = p.input_block(b, blk);
+    Vec<T>* g = scratch.row_grad.data();
+    predict<T>(x, w, Din, jd, uh);
+    std::fill(g, g + jd, Vec<T>{});
+    for (int64_t t = state.first; t < d.iterations; ++t) {
+      const T* routed = state.routed_at(b, t);
+      const T* sigma = state.sigma_at(b, t);
+      couplings<T>(uh, routed, J, D, c);
+      // g += c_j sigma_t + delta_j V_{t-1}: through s_t, and through the logits of iteration t.
+      if (routed != nullptr && !state.detach) {
+        logit_gradients<T>(uh, sigma, c, J, D, delta);
+        for (int64_t j = 0; j < J; ++j)
+          for (int64_t dd = 0; dd < D; ++dd) g[j * D + dd] += c[j] * sigma[j * D + dd] + delta[j] * routed[j * D + dd];
+      } else {
+        for (int64_t j = 0; j < J; ++j)
+          for (int64_t dd = 0; dd < D; ++dd) g[j * D + dd] += c[j] * sigma[j * D + dd];
+      }
+    }
+    // grad u[e] = sum_k w[e, k] * g[k], four partial sums to keep the adds independent.
+    for (int64_t e = 0; e < Din; ++e) {
+      const Vec<T>* we = w + e * jd;
+      Vec<T> acc[4] = {};
+      int64_t k = 0;
+      for (; k + 4 <= jd; k += 4)
+        for (int64_t r = 0; r < 4; ++r) acc[r] += we[k + r] * g[k + r];
+      for (; k < jd; ++k) acc[0] += we[k] * g[k];
+      grad_x[e] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+    unpack_input_block(d, grad_x, b, blk, grad_u);
+    // grad W[e, k] += u[b, e] g[k], over the batch in order.
+    for (int64_t e = 0; e < Din; ++e) {
+      const Vec<T> xe = x[e];
+      Vec<T>* gwe = gw + e * jd;
+      for (int64_t k = 0; k < jd; ++k) gwe[k] += xe * g[k];
+    }
+  }
+  unpack_weight_block(d, p.offset.data(), gw, blk, grad_weight);
+}
+
+template <typename T>
+void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach, T* grad_u, T* grad_weight,
+                     T* grad_bias) {
+  const Dims& d = p.d;
+  const int64_t B = d.batch, J = d.out_caps, D = d.out_dim, jd = p.jd, r = d.iterations;
+  BackwardState<T> state{r, jd, detach ? r - 1 : 0, detach, std::vector<T>(B * r * jd, T(0)),
+                         std::vector<T>(B * r * jd, T(0))};
+  const auto s_at = [&](int64_t b, int64_t t) { return s_all + (b * r + t) * jd; };
+
+  // V_{t-1} as the forward built it (same squash, same order: bitwise the same), and
+  // sigma_{r-1} from grad v.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> u_hat(I * jd), grad_routed(jd), grad_v_t(jd), c(J), delta(J);
+    std::vector<T> v(jd);
     for (int64_t b = begin; b < end; ++b) {
-      const T* s_b = s_all + b * r * jd;
-      T* routed_b = routed.data() + b * r * jd;
-      T* sigma_b = sigma.data() + b * r * jd;
       for (int64_t t = 1; t < r; ++t) {
-        for (int64_t j = 0; j < J; ++j) {
-          const T* s = s_b + (t - 1) * jd + j * D;
-          const T scale = squash_scale(std::sqrt(dot(s, s, D)));
-          for (int64_t k = 0; k < D; ++k)
-            routed_b[t * jd + j * D + k] = routed_b[(t - 1) * jd + j * D + k] + scale * s[k];
-        }
+        squash(s_at(b, t - 1), J, D, v.data());
+        T* routed = state.routed.data() + (b * r + t) * jd;  // V_{t-1} = V_{t-2} + v_{t-1}
+        const T* before = routed - jd;                         // V_{t-2}, all zeros at t = 1
+        for (int64_t k = 0; k < jd; ++k) routed[k] = before[k] + v[k];
       }
-      const bool needs_u_hat = !detach && r > 1;
-      if (needs_u_hat) {
-        const T* u_b = u + b * I * Din;
-        for (int64_t i = 0; i < I; ++i) prediction(u_b + i * Din, weight_t + i * Din * jd, d, u_hat.data() + i * jd);
-      }
-      std::fill(grad_routed.begin(), grad_routed.end(), T(0));
-      for (int64_t t = r - 1; t >= first; --t) {
-        for (int64_t k = 0; k < jd; ++k) grad_v_t[k] = grad_routed[k] + (t == r - 1 ? grad_v[b * jd + k] : T(0));
-        squash_backward(s_b + t * jd, grad_v_t.data(), d, sigma_b + t * jd);
-        if (t == 0 || detach) continue;
-        const T* sig = sigma_b + t * jd;
-        for (int64_t i = 0; i < I; ++i) {
-          const T* row = u_hat.data() + i * jd;
-          couplings(row, routed_b + t * jd, d, c.data());
-          logit_gradients(row, sig, c.data(), d, delta.data());
-          for (int64_t j = 0; j < J; ++j)
-            for (int64_t k = 0; k < D; ++k) grad_routed[j * D + k] += delta[j] * row[j * D + k];
-        }
-      }
+      squash_backward(s_at(b, r - 1), grad_v + b * jd, J, D, state.sigma.data() + (b * r + r - 1) * jd);
     }
   });
 
-  // grad bias: sum over samples and iterations, in a fixed order.
+  // Phase A: pass k runs backward through iteration t = r-1-k, giving G = dL/dV_{t-1};
+  // then dL/dv_{t-1} = the sum of the G so far, and sigma_{t-1} from it.
+  std::vector<T> grad_routed(B * jd, T(0));
+  auto pass_of = [&](int64_t b, int64_t k, int64_t chunk) {
+    const int64_t t = r - 1 - k;
+    return Pass<T>{b, chunk, k == 0, state.routed_at(b, t), state.sigma_at(b, t)};
+  };
+  auto finish = [&](int64_t b, int64_t k, const T* partials) {
+    const int64_t t = r - 1 - k;
+    std::vector<T> grad_routed_t(jd);
+    sum_chunks(partials, p.chunks, jd, grad_routed_t.data());
+    T* total = grad_routed.data() + b * jd;
+    for (int64_t q = 0; q < jd; ++q) total[q] += grad_routed_t[q];
+    squash_backward(s_at(b, t - 1), total, J, D, state.sigma.data() + (b * r + t - 1) * jd);
+  };
+  run_passes(p, detach ? 0 : r - 1, pass_of, finish);
+
+  // grad bias: every sigma_t that carries gradient, summed in a fixed order.
   std::fill(grad_bias, grad_bias + jd, T(0));
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = first; t < r; ++t)
-      for (int64_t k = 0; k < jd; ++k) grad_bias[k] += sigma[(b * r + t) * jd + k];
+    for (int64_t t = state.first; t < r; ++t)
+      for (int64_t k = 0; k < jd; ++k) grad_bias[k] += state.sigma_at(b, t)[k];
 
-  // Phase B, per input capsule, the batch in order: g_uhat, then grad u and grad W.
-  at::parallel_for(0, I, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> row(jd), grad_row(jd), c(J), delta(J);
-    for (int64_t i = begin; i < end; ++i) {
-      const T* weight_i = weight_t + i * Din * jd;
-      T* grad_weight_i = grad_weight_t + i * Din * jd;
-      std::fill(grad_weight_i, grad_weight_i + Din * jd, T(0));
-      for (int64_t b = 0; b < B; ++b) {
-        const T* u_bi = u + (b * I + i) * Din;
-        prediction(u_bi, weight_i, d, row.data());
-        std::fill(grad_row.begin(), grad_row.end(), T(0));
-        for (int64_t t = first; t < r; ++t) {
-          const T* sig = sigma.data() + (b * r + t) * jd;
-          const T* routed_t = routed.data() + (b * r + t) * jd;
-          couplings(row.data(), t == 0 ? nullptr : routed_t, d, c.data());
-          if (t > 0 && !detach) {
-            logit_gradients(row.data(), sig, c.data(), d, delta.data());
-          } else {
-            std::fill(delta.begin(), delta.end(), T(0));  // constant couplings
-          }
-          for (int64_t j = 0; j < J; ++j)
-            for (int64_t k = 0; k < D; ++k)
-              grad_row[j * D + k] += c[j] * sig[j * D + k] + delta[j] * routed_t[j * D + k];
-        }
-        T* grad_u_bi = grad_u + (b * I + i) * Din;
-        for (int64_t e = 0; e < Din; ++e) {
-          grad_u_bi[e] = dot(weight_i + e * jd, grad_row.data(), jd);
-          const T ue = u_bi[e];
-          T* gw = grad_weight_i + e * jd;
-          for (int64_t k = 0; k < jd; ++k) gw[k] += ue * grad_row[k];
-        }
-      }
-    }
+  // Phase B: each block owned by one thread, so grad W is summed over the batch in order.
+  at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch(p);
+    for (int64_t blk = begin; blk < end; ++blk) gradient_block(p, state, blk, scratch, grad_u, grad_weight);
   });
 }
 
-Dims dims_of(const at::Tensor& u, const at::Tensor& weight_t, int64_t out_caps, int64_t iterations) {
+Dims dims_of(const at::Tensor& u, const at::Tensor& weight, int64_t iterations) {
   TORCH_CHECK(u.dim() == 3, "routing_cpu: u must be (batch, in_caps, in_dim), got ", u.sizes());
-  TORCH_CHECK(weight_t.dim() == 3, "routing_cpu: weight_t must be (in_caps, in_dim, out_caps * out_dim), got ",
-              weight_t.sizes());
-  TORCH_CHECK(out_caps >= 1 && weight_t.size(2) % out_caps == 0, "routing_cpu: out_caps=", out_caps,
-              " does not divide weight_t's last dimension ", weight_t.size(2));
+  TORCH_CHECK(weight.dim() == 4, "routing_cpu: weight must be (out_caps, in_caps, out_dim, in_dim), got ",
+              weight.sizes());
   TORCH_CHECK(iterations >= 1, "routing_cpu: iterations must be >= 1, got ", iterations);
-  TORCH_CHECK(weight_t.size(0) == u.size(1) && weight_t.size(1) == u.size(2),
-              "routing_cpu: weight_t of shape ", weight_t.sizes(), " does not match u of shape ", u.sizes());
-  TORCH_CHECK(u.scalar_type() == weight_t.scalar_type(), "routing_cpu: u and weight_t must share a dtype");
-  TORCH_INTERNAL_ASSERT(u.is_contiguous() && weight_t.is_contiguous(), "routing_cpu: the launcher passes contiguous tensors");
-  return Dims{u.size(0), u.size(1), u.size(2), out_caps, weight_t.size(2) / out_caps, iterations};
+  TORCH_CHECK(weight.size(1) == u.size(1) && weight.size(3) == u.size(2), "routing_cpu: weight of shape ",
+              weight.sizes(), " does not match u of shape ", u.sizes());
+  TORCH_CHECK(u.scalar_type() == weight.scalar_type(), "routing_cpu: u and weight must share a dtype");
+  TORCH_INTERNAL_ASSERT(u.is_contiguous() && weight.is_contiguous(), "routing_cpu: the launcher passes contiguous tensors");
+  return Dims{u.size(0), u.size(1), u.size(2), weight.size(0), weight.size(2), iterations};
 }
 
-std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, const at::Tensor& weight_t,
-                                                       const at::Tensor& bias, int64_t out_caps, int64_t iterations) {
-  const Dims d = dims_of(u, weight_t, out_caps, iterations);
+std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, const at::Tensor& weight,
+                                                       const at::Tensor& bias, int64_t iterations) {
+  const Dims d = dims_of(u, weight, iterations);
   TORCH_CHECK(bias.numel() == 0 || (bias.numel() == d.jd() && bias.is_contiguous() && bias.scalar_type() == u.scalar_type()),
-              "routing_cpu: bias must be empty or a contiguous (out_caps * out_dim) tensor of u's dtype");
+              "routing_cpu: bias must be empty or a contiguous (out_caps, out_dim) tensor of u's dtype");
   at::Tensor v = at::empty({d.batch, d.out_caps, d.out_dim}, u.options());
   at::Tensor s = at::empty({d.batch, d.iterations, d.out_caps, d.out_dim}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "routing_cpu_forward", [&] {
-    forward_kernel<scalar_t>(u.const_data_ptr<scalar_t>(), weight_t.const_data_ptr<scalar_t>(),
-                             bias.numel() ? bias.const_data_ptr<scalar_t>() : nullptr, d,
+    const Packed<scalar_t> p =
+        pack(d, u.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), samples_in_parallel(d.batch));
+    forward_kernel<scalar_t>(p, bias.numel() ? bias.const_data_ptr<scalar_t>() : nullptr,
                              v.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>());
   });
   return {v, s};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Tensor& grad_v, const at::Tensor& u,
-                                                                    const at::Tensor& weight_t, const at::Tensor& s,
-                                                                    int64_t out_caps, int64_t iterations, bool detach) {
-  const Dims d = dims_of(u, weight_t, out_caps, iterations);
+                                                                    const at::Tensor& weight, const at::Tensor& s,
+                                                                    int64_t iterations, bool detach) {
+  const Dims d = dims_of(u, weight, iterations);
   TORCH_INTERNAL_ASSERT(grad_v.is_contiguous() && s.is_contiguous());
   TORCH_CHECK(grad_v.numel() == d.batch * d.jd() && s.numel() == d.batch * d.iterations * d.jd(),
-              "routing_cpu: grad_v or s has the wrong size for u and weight_t");
+              "routing_cpu: grad_v or s has the wrong size for u and weight");
   at::Tensor grad_u = at::empty_like(u);
-  at::Tensor grad_weight_t = at::empty_like(weight_t);
+  at::Tensor grad_weight = at::empty_like(weight);
   at::Tensor grad_bias = at::empty({d.out_caps, d.out_dim}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "routing_cpu_backward", [&] {
-    backward_kernel<scalar_t>(grad_v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                              weight_t.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), d, detach,
-                              grad_u.mutable_data_ptr<scalar_t>(), grad_weight_t.mutable_data_ptr<scalar_t>(),
+    // Phase A's passes are the only users of a shared packed W (phase B packs per block).
+    const Packed<scalar_t> p = pack(d, u.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                                    !detach && iterations > 1 && samples_in_parallel(d.batch));
+    backward_kernel<scalar_t>(p, grad_v.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), detach,
+                              grad_u.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
                               grad_bias.mutable_data_ptr<scalar_t>());
   });
-  return {grad_u, grad_weight_t, grad_bias};
+  return {grad_u, grad_weight, grad_bias};
 }
 
 }  // namespace

@@ -14,16 +14,22 @@ pytestmark = pytest.mark.skipif(
     reason="the C++ extension is not built (pip install --no-build-isolation -e .)",
 )
 
+# Batch 5 runs one sample per thread with 1 thread and splits samples over capsule chunks
+# with 2 (csrc/routing_cpu.cpp, samples_in_parallel); batch 13 runs one sample per thread
+# with both. Either way the bits must not change.
 _PROGRAM = textwrap.dedent("""
     import sys, torch, fastcaps
     torch.set_num_threads(int(sys.argv[1]))
     g = torch.Generator().manual_seed(0)
-    u = fastcaps.squash(torch.randn(13, 301, 8, generator=g)).requires_grad_()
-    w = (torch.randn(7, 301, 11, 8, generator=g) * 0.3).requires_grad_()
-    b = (torch.randn(7, 11, generator=g) * 0.3).requires_grad_()
-    v = fastcaps.dynamic_routing(u, w, b, 3, {detach}, backend="cpu")
-    grads = torch.autograd.grad(v, (u, w, b), torch.randn(v.shape, generator=g))
-    torch.save([v.detach(), *grads], sys.argv[2])
+    outputs = []
+    for batch in (5, 13):
+        u = fastcaps.squash(torch.randn(batch, 301, 8, generator=g)).requires_grad_()
+        w = (torch.randn(7, 301, 11, 8, generator=g) * 0.3).requires_grad_()
+        b = (torch.randn(7, 11, generator=g) * 0.3).requires_grad_()
+        v = fastcaps.dynamic_routing(u, w, b, 3, {detach}, backend="cpu")
+        grads = torch.autograd.grad(v, (u, w, b), torch.randn(v.shape, generator=g))
+        outputs += [v.detach(), *grads]
+    torch.save(outputs, sys.argv[2])
 """)
 
 
