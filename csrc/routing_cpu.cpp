@@ -232,13 +232,20 @@ template <typename T>
 FASTCAPS_CLONES void pack_weight_block(const Dims& d, const int64_t* offset, const T* weight, int64_t blk, Vec<T>* out) {
   const int64_t L = kLanes<T>, columns = d.out_dim * d.in_dim, used = std::min(L, d.in_caps - blk * L);
   Vec<T> tile[kLanes<T>];
-  for (int64_t j = 0; j < d.out_caps; ++j)
+  for (int64_t j = 0; j < d.out_caps; ++j) {
+    // The block's capsules of W[j] are one contiguous run, read by tiles in an order strided
+    // by rows; asking for the next run ahead lets a cold W stream from memory.
+    if (j + 1 < d.out_caps) {
+      const char* next = reinterpret_cast<const char*>(weight + ((j + 1) * d.in_caps + blk * L) * columns);
+      for (int64_t byte = 0; byte < used * columns * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(next + byte);
+    }
     for (int64_t c0 = 0; c0 < columns; c0 += L) {
       const int64_t n = std::min(L, columns - c0);
       load_tile(weight + (j * d.in_caps + blk * L) * columns + c0, columns, used, n, tile);
       transpose<T>(tile);
       for (int64_t q = 0; q < n; ++q) out[offset[c0 + q] + j * d.out_dim] = tile[q];
     }
+  }
 }
 
 // The inverse of pack_weight_block, for grad W.

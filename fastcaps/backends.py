@@ -23,9 +23,9 @@ __all__ = ["BACKENDS", "AUTO_ORDER", "available_backends", "resolve_backend"]
 
 BACKENDS = ("reference", "torch", "cpu")
 
-# Fastest first; "auto" takes the first one that can run on the device. The C++ "cpu"
-# kernels are opt-in until `fastcaps bench` shows them ahead everywhere (issue 4).
-AUTO_ORDER = ("torch",)
+# Fastest first; "auto" takes the first one that can run on the device: the fused C++
+# kernels on CPU tensors when the extension is built, else the vectorized PyTorch kernel.
+AUTO_ORDER = ("cpu", "torch")
 
 
 def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:

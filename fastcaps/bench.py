@@ -171,6 +171,22 @@ def make_runner(point: Point) -> Runner:
     return Runner(run, time.perf_counter() - started)
 
 
+def matmul_rate(device: str = "cpu", dtype: str = "float32", size: int = 2048) -> float:
+    """GFLOP/s of torch.mm on two size x size matrices, median of 5 after 2 warm-ups: the
+    machine's practical arithmetic ceiling, which the kernels' rates (``flops``) are read
+    against."""
+    a, b = (torch.randn(size, size, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    synchronize = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    seconds = []
+    for round_ in range(7):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        synchronize()
+        if round_ >= 2:
+            seconds.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(seconds) / 1e9
+
+
 # --- allocator ---------------------------------------------------------------------------
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, glibc malloc.h

@@ -316,6 +316,9 @@ def bench_command(args) -> int:
                           x={"batch": point.batch, "in_caps": point.shape.in_caps,
                              "out_caps": point.shape.out_caps, "iterations": point.iterations}[sweep])
     print(table(records))
+    meta["matmul_gflops"] = round(bench.matmul_rate(device, args.dtype), 1)
+    print(f"\nthis machine's {args.dtype} matrix multiply (torch.mm 2048 x 2048, {torch.get_num_threads()} threads): "
+          f"{meta['matmul_gflops']} GFLOP/s; GFLOP/s above count DESIGN.md section 6's arithmetic")
     title = f"fastcaps bench, {meta['cpu'] if device == 'cpu' else meta.get('gpu', device)}, torch {meta['torch']}, {meta['date'][:10]}"
     write_json(args.json, records, meta)
     (scaling_chart if args.scaling else chart)(args.chart, records, title)
