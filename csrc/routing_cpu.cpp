@@ -12,7 +12,8 @@
 // block is one vector whose lane l belongs to capsule block * kLanes + l. u_hat for a block
 // is then jd = J*D vectors, and the logits, softmax, coupling gradients and sums over
 // capsules are all lane-wise arithmetic: no horizontal sums in the inner loops, for any J
-// and D. W and u are repacked to this layout once per call (pack_weight, pack_inputs).
+// and D. u is repacked to this layout once per call (pack); W once per call when samples
+// run in parallel, else per chunk or block where it is used (pack_weight_block).
 //
 // Forward: r passes per sample, each a sweep over the blocks that sums c_ij * u_hat_ij; the
 // first pass computes u_hat into a per-sample buffer (blocks x jd vectors) that later
@@ -33,6 +34,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -73,6 +75,14 @@ constexpr int64_t kLanes = Simd<T>::lanes;
 // the unit of work when few samples are split across threads.
 constexpr int64_t kChunkBlocks = 4;
 
+// 1/k! for k <= degree, computed at compile time.
+template <typename T, int degree>
+constexpr std::array<T, degree + 1> inverse_factorials() {
+  std::array<T, degree + 1> out{};
+  out[0] = T(1);
+  for (int k = 1; k <= degree; ++k) out[k] = out[k - 1] / T(k);
+  return out;
+}
 
 // exp(x) for x <= 0 (a logit minus the row's largest), lane-wise: 2^n * p(r) with
 // r = x - n ln2 in [-ln2/2, ln2/2] and p its Taylor polynomial, degree 7 for float
@@ -92,9 +102,7 @@ FASTCAPS_INLINE Vec<T> exp_nonpositive(Vec<T> x) {
   x = x < lowest ? lowest : x;
   const Vec<T> n = (x * log2e + round_magic) - round_magic;  // round to nearest
   const Vec<T> r = (x - n * ln2_hi) - n * ln2_lo;
-  T inverse_factorial[degree + 1];
-  inverse_factorial[0] = T(1);
-  for (int k = 1; k <= degree; ++k) inverse_factorial[k] = inverse_factorial[k - 1] / T(k);
+  constexpr std::array<T, degree + 1> inverse_factorial = inverse_factorials<T, degree>();
   Vec<T> p = r * inverse_factorial[degree] + inverse_factorial[degree - 1];
   for (int k = degree - 2; k >= 0; --k) p = p * r + inverse_factorial[k];
   const IVec exponent = (__builtin_convertvector(n, IVec) + exponent_bias) << mantissa_bits;
@@ -110,7 +118,6 @@ class LaneArray {
     TORCH_CHECK(memory_ != nullptr, "routing_cpu: out of memory allocating ", n * 64, " bytes");
   }
   Vec<T>* data() const { return static_cast<Vec<T>*>(memory_.get()); }
-  Vec<T>& operator[](int64_t k) const { return data()[k]; }
   int64_t size() const { return size_; }
 
  private:
@@ -563,7 +570,7 @@ FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& 
                                     Scratch<T>& scratch, T* grad_u, T* grad_weight) {
   const Dims& d = p.d;
   const int64_t Din = d.in_dim, J = d.out_caps, D = d.out_dim, jd = p.jd;
-  const Vec<T>* w = scratch.packed_weight(p, blk, blk + 1);  // in this core's cache for the whole batch
+  const Vec<T>* w = scratch.packed_weight(p, blk, blk + 1);  // read for every sample of the batch
   Vec<T>* uh = scratch.row.data();
   Vec<T>* c = scratch.couplings.data();
   Vec<T>* delta = scratch.logit_grads.data();
@@ -703,7 +710,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Te
   at::Tensor grad_weight = at::empty_like(weight);
   at::Tensor grad_bias = at::empty({d.out_caps, d.out_dim}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "routing_cpu_backward", [&] {
-    // Phase A's passes are the only users of a shared packed W (phase B packs per block).
+    // A shared packed W pays only for phase A's passes over many samples; without it,
+    // phase B packs each block into its scratch (Scratch::packed_weight).
     const Packed<scalar_t> p = pack(d, u.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
                                     !detach && iterations > 1 && samples_in_parallel(d.batch));
     backward_kernel<scalar_t>(p, grad_v.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), detach,
