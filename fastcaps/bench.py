@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import reference
-from .backends import AUTO_ORDER, available_backends
+from .backends import auto_order, available_backends
 from .functional import dynamic_routing
 
 MODES = ("forward", "forward+backward")
@@ -84,9 +84,9 @@ class Point:
 
 def providers(device: str = "cpu") -> List[str]:
     """The default providers on ``device``: the reference, its compiled form, and the kernels
-    that ``backend="auto"`` may pick there. Opt-in kernels (today "cpu") are timed when named."""
+    that ``backend="auto"`` may pick there."""
     available = available_backends(device)
-    return ["reference", "reference-compiled"] + [b for b in AUTO_ORDER if b in available]
+    return ["reference", "reference-compiled"] + [b for b in auto_order(torch.device(device)) if b in available]
 
 
 def flops(shape: Shape, batch: int, iterations: int, mode: str) -> float:

@@ -83,6 +83,11 @@ def default_cases() -> List[Case]:
     return _options(shapes)
 
 
+def small_cases() -> List[Case]:
+    """The default cases without the MNIST shape: for slow backends (the Triton interpreter)."""
+    return [case for case in default_cases() if case.in_caps < 1152]
+
+
 def full_cases() -> List[Case]:
     """B in {1, 3, 17} x I in {1, 7, 1152} x J in {1, 3, 10}, MNIST capsule dims, every option."""
     shapes = [(b, i, j, 16, 8) for b in (1, 3, 17) for i in (1, 7, 1152) for j in (1, 3, 10)]
@@ -148,8 +153,14 @@ def _finite_difference_error(route: Callable, case: Case, u, weight, bias, grad_
     return abs(numeric - analytic) / max(abs(analytic), 1e-12)
 
 
-def _router(backend: str, case: Case) -> Callable:
-    return lambda u, w, b: dynamic_routing(u, w, b, case.iterations, case.detach, backend=backend)
+def _router(backend: str, case: Case, device: str = "cpu") -> Callable:
+    """Routing on ``device`` from CPU tensors and back: gradients reach the CPU leaves."""
+
+    def route(u, w, b):
+        u, w, b = (None if t is None else t.to(device) for t in (u, w, b))
+        return dynamic_routing(u, w, b, case.iterations, case.detach, backend=backend).cpu()
+
+    return route
 
 
 def oracle_for(case: Case, seed: int) -> List[Tensor]:
@@ -157,12 +168,13 @@ def oracle_for(case: Case, seed: int) -> List[Tensor]:
     return _forward_backward(_router("reference", case), *make_inputs(case, seed), torch.float64)
 
 
-def check_case(backend: str, case: Case, dtype: torch.dtype, seed: int = 0, oracle=None) -> Row:
-    """Compare ``backend`` at ``dtype`` with the float64 reference on one case."""
+def check_case(backend: str, case: Case, dtype: torch.dtype, seed: int = 0, oracle=None,
+               device: str = "cpu") -> Row:
+    """Compare ``backend`` at ``dtype`` on ``device`` with the float64 reference (CPU) on one case."""
     u, weight, bias, grad_v = make_inputs(case, seed)
     if oracle is None:
         oracle = oracle_for(case, seed)
-    route = _router(backend, case)
+    route = _router(backend, case, device)
     results = _forward_backward(route, u, weight, bias, grad_v, dtype)
     errors = [_error(x, y) for x, y in zip(results, oracle)]
     fd = None
@@ -178,13 +190,14 @@ def run(
     dtypes: Sequence[torch.dtype],
     seed: int = 0,
     on_row: Optional[Callable[[Row], None]] = None,
+    device: str = "cpu",
 ) -> List[Row]:
-    """Every backend x case x dtype; the float64 oracle is computed once per case."""
+    """Every backend x case x dtype on ``device``; the float64 oracle (CPU) is computed once per case."""
     rows = []
     for index, case in enumerate(cases):
         oracle = oracle_for(case, seed + index)
         for backend, dtype in itertools.product(backends, dtypes):
-            row = check_case(backend, case, dtype, seed + index, oracle)
+            row = check_case(backend, case, dtype, seed + index, oracle, device)
             rows.append(row)
             if on_row is not None:
                 on_row(row)

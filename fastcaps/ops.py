@@ -39,6 +39,11 @@ if _extension.problem() is None:
 
 
 def _kernels(backend: str) -> Kernels:
+    if backend == "triton" and backend not in KERNELS:
+        # Imported on first use: importing triton takes a while, and CPU users rarely need it.
+        from . import _routing_triton
+
+        KERNELS["triton"] = Kernels(_routing_triton.routing_forward, _routing_triton.routing_backward)
     try:
         return KERNELS[backend]
     except KeyError:

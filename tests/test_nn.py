@@ -7,7 +7,8 @@ from torch import nn
 import fastcaps
 from fastcaps import reference
 
-BACKENDS = fastcaps.available_backends("cpu")
+# "triton" runs under the interpreter here, too slow for these shapes: test_triton_kernels.py.
+BACKENDS = [b for b in fastcaps.available_backends("cpu") if b != "triton"]
 
 
 def test_digitcaps_shapes_repr_and_factory_kwargs():

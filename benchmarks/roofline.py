@@ -1,0 +1,78 @@
+"""The Triton kernels' roofline at the MNIST shape: FLOPs and bytes per kernel launch, and the
+time floor they imply on an H100 (SXM5 datasheet peaks). Printed as a Markdown table for the
+README; nothing here is measured.
+
+    python benchmarks/roofline.py [--batch 1 128 512] [--iterations 3]
+
+FLOPs are what the kernels execute (they recompute u_hat in every pass, unlike DESIGN.md
+section 6's floor, which counts it once). Bytes count each tensor a launch reads or writes
+once (a cold cache; W re-read by later sample blocks is assumed to hit L2, which holds it).
+The chunk counts are the launcher's own, for an H100's 132 multiprocessors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the launch table only; no kernel runs here
+
+import torch  # noqa: E402
+
+from fastcaps._routing_triton import capsule_chunks, pass_config  # noqa: E402
+
+# NVIDIA H100 SXM5 datasheet: fp32 (non-tensor) FLOP/s and HBM3 bytes/s.
+H100_FP32_FLOPS = 67e12
+H100_HBM_BYTES = 3.35e12
+H100_SMS = 132
+I, J, D, DIN = 1152, 10, 16, 8
+FLOAT = 4
+
+
+def launches(batch: int, iterations: int):
+    """(kernel, count, FLOPs per launch, bytes per launch) for one forward+backward, fp32."""
+    prediction = 2 * I * J * D * DIN  # u_hat for one sample
+    capsule_sum = 2 * I * J * D  # one u_hat . x or c * u_hat over all capsules
+    block = pass_config(batch, torch.float32).block_b
+    _, chunks = capsule_chunks(batch, I, block, H100_SMS)
+    weight, inputs = J * I * D * DIN * FLOAT, batch * I * DIN * FLOAT
+    state = batch * J * D * FLOAT
+    partials = batch * chunks * J * D * FLOAT
+    forward_pass = batch * (prediction + 2 * capsule_sum)  # logits, weighted sum
+    backward_pass = batch * (prediction + 3 * capsule_sum)  # logits, gamma, delta-weighted sum
+    final = batch * (3 * prediction + iterations * 4 * capsule_sum)  # u_hat, grad u, grad W
+    return chunks, [
+        ("forward pass", iterations, forward_pass, weight + inputs + state + partials),
+        ("forward reduce", iterations, batch * chunks * J * D, partials + 4 * state),
+        ("backward prologue + reduce", iterations, batch * chunks * J * D, partials + 2 * iterations * state),
+        ("backward pass (phase A)", iterations - 1, backward_pass, weight + inputs + 2 * state + partials),
+        ("final (phase B)", 1, final, 2 * weight + 2 * inputs + 2 * iterations * state),
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 128, 512])
+    parser.add_argument("--iterations", type=int, default=3)
+    args = parser.parse_args(argv)
+    print("| B | chunks | kernel | launches | GFLOP each | MB each | compute floor | memory floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in args.batch:
+        chunks, rows = launches(batch, args.iterations)
+        floors = {"forward": [0.0, 0], "forward+backward": [0.0, 0]}
+        for name, launched, flop, byte in rows:
+            compute, memory = flop / H100_FP32_FLOPS, byte / H100_HBM_BYTES
+            for mode in floors:
+                if mode == "forward+backward" or name.startswith("forward"):
+                    floors[mode][0] += launched * max(compute, memory)
+                    floors[mode][1] += launched
+            print(f"| {batch} | {chunks} | {name} | {launched} | {flop / 1e9:.3f} | {byte / 1e6:.2f} | "
+                  f"{compute * 1e6:.1f} us | {memory * 1e6:.1f} us |")
+        for mode, (seconds, count) in floors.items():
+            print(f"| {batch} | | **{mode} floor** | {count} | | | **{seconds * 1e6:.0f} us** + {count} launch latencies | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

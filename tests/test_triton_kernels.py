@@ -1,0 +1,231 @@
+"""The Triton kernels ("triton" backend) against the reference.
+
+Without a GPU they run on CPU tensors under Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), at small odd shapes because the interpreter is slow; the CUDA tests at
+the MNIST shape run where a GPU is present. Ahead-of-time compilation for sm_80 and sm_90
+checks what the interpreter cannot: that every kernel compiles for a real GPU, and fits in
+registers, at every configuration the launcher can pick.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastcaps
+from fastcaps import backends, check, reference
+
+pytestmark = pytest.mark.skipif(
+    "triton" not in fastcaps.available_backends("cuda" if torch.cuda.is_available() else "cpu"),
+    reason="the Triton kernels cannot run here (triton missing, or no GPU and no interpreter)",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Odd shapes (B, I, J, D, Din): single capsules, non-powers of two, and B = 17, which takes
+# the 16-sample tl.dot configuration and leaves a 1-sample block.
+SMALL_SHAPES = [(1, 1, 1, 1, 1), (3, 7, 3, 5, 3), (2, 33, 4, 12, 4), (17, 9, 10, 16, 8)]
+OPTIONS = [(r, detach, bias) for r, detach, bias in itertools.product((1, 2, 3), (False, True), (False, True))
+           if not (r == 1 and detach)]  # r = 1 with detach is r = 1 without it
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: f"r{o[0]}{'-detach' if o[1] else ''}{'-bias' if o[2] else ''}")
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "B{}-I{}-J{}-D{}-Din{}".format(*s))
+def test_values_and_gradients_match_the_reference(shape, options):
+    case = check.Case(*shape, *options)
+    seed = SMALL_SHAPES.index(shape) * 100 + OPTIONS.index(options)
+    oracle = check.oracle_for(case, seed)
+    for dtype in (torch.float32, torch.float64):
+        row = check.check_case("triton", case, dtype, seed, oracle, device=DEVICE)
+        assert row.passed, check.format_row(row)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 3, 5, 3), (17, 40, 5, 8, 4)], ids=["small-blocks", "tl.dot"])
+def test_half_inputs_accumulate_in_float32(shape, dtype):
+    """|kernel - ref64| <= 2 |ref_same_dtype - ref64| + atol, and outputs keep the dtype."""
+    case = check.Case(*shape, 3, False, True)
+    u, weight, bias, grad_v = check.make_inputs(case, seed=7)
+    exact = [t.clone().requires_grad_() for t in (u, weight, bias)]
+    low = [t.detach().to(dtype).requires_grad_() for t in (u, weight, bias)]
+    on_device = [t.detach().to(dtype).to(DEVICE).requires_grad_() for t in (u, weight, bias)]
+    results = []
+    for leaves, backend in ((exact, "reference"), (low, "reference"), (on_device, "triton")):
+        v = fastcaps.dynamic_routing(*leaves, iterations=3, backend=backend)
+        assert v.dtype == leaves[0].dtype
+        grads = torch.autograd.grad(v, leaves, grad_v.to(v.dtype).to(v.device))
+        assert all(g.dtype == leaf.dtype for g, leaf in zip(grads, leaves))
+        results.append([t.detach().double().cpu() for t in (v, *grads)])
+    for ref64, ref_low, kernel in zip(*results):
+        assert torch.all((kernel - ref64).abs() <= 2 * (ref_low - ref64).abs() + 1e-2 * ref64.abs().max())
+
+
+def _inputs(shape, dtype=torch.float32, seed=0):
+    case = check.Case(*shape, 3, False, True)
+    return [t.to(dtype).to(DEVICE) for t in check.make_inputs(case, seed)]
+
+
+def _forward_backward(u, weight, bias, grad_v, iterations=3, detach=False):
+    leaves = [t.detach().clone().requires_grad_() for t in (u, weight, bias)]
+    v = fastcaps.dynamic_routing(*leaves, iterations=iterations, detach=detach, backend="triton")
+    return [v.detach(), *torch.autograd.grad(v, leaves, grad_v)]
+
+
+@pytest.mark.parametrize("processors", [1, 3, 40])
+def test_capsule_chunks_sum_to_the_same_result(processors, monkeypatch):
+    """The partition into chunks (one per program) changes only the order of float32 sums,
+    and each partition is deterministic: the same call twice gives the same bits."""
+    from fastcaps import _routing_triton
+
+    monkeypatch.setattr(_routing_triton, "_processors", lambda device: processors)
+    shape = (3, 29, 4, 6, 3)
+    inputs = _inputs(shape)
+    per_chunk, chunks = _routing_triton.capsule_chunks(3, 29, _routing_triton.pass_config(3, torch.float32).block_b,
+                                                       processors)
+    assert chunks == {1: 2, 3: 6, 40: 29}[processors] and per_chunk * chunks >= 29
+    first, second = _forward_backward(*inputs), _forward_backward(*inputs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    expected = _forward_backward_reference(*inputs)
+    for value, ref in zip(first, expected):
+        torch.testing.assert_close(value, ref, rtol=1e-4, atol=1e-5)
+
+
+def _forward_backward_reference(u, weight, bias, grad_v):
+    leaves = [t.detach().clone().requires_grad_() for t in (u, weight, bias)]
+    v = fastcaps.dynamic_routing(*leaves, iterations=3, backend="reference")
+    return [v.detach(), *torch.autograd.grad(v, leaves, grad_v)]
+
+
+def test_capsule_chunks_cover_every_capsule_once():
+    from fastcaps._routing_triton import capsule_chunks
+
+    for batch, in_caps, block, processors in itertools.product((1, 5, 64, 512), (0, 1, 7, 1152), (1, 16), (1, 132)):
+        per_chunk, chunks = capsule_chunks(batch, in_caps, block, processors)
+        assert per_chunk >= 1 and chunks >= 1
+        assert per_chunk * chunks >= in_caps and per_chunk * (chunks - 1) < max(in_caps, 1)
+
+
+def test_launch_configuration_depends_on_the_shape_only():
+    from fastcaps._routing_triton import PASS_CONFIGS, pass_config
+
+    assert pass_config(1, torch.float32).block_b == 1
+    assert pass_config(17, torch.float32).block_b == 16
+    assert pass_config(128, torch.float16).block_b == 16
+    assert pass_config(128, torch.float64).block_b == 1
+    assert {pass_config(b, torch.float32) for b in range(1, 600)} == set(PASS_CONFIGS)
+
+
+# detach's gradient is a stop-gradient, not the derivative: the check cases test it against
+# the frozen-coupling forward. fast_mode projects on random directions: the interpreter is slow.
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_gradcheck_float64(iterations):
+    u, weight, bias, _ = _inputs((2, 5, 3, 4, 2), torch.float64)
+    inputs = [t.requires_grad_() for t in (u, weight, bias)]
+
+    def route(u, weight, bias):
+        return fastcaps.dynamic_routing(u, weight, bias, iterations, backend="triton")
+
+    assert torch.autograd.gradcheck(route, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+def test_opcheck():
+    u, weight, bias, grad_v = _inputs((3, 5, 4, 3, 2), torch.float32)
+    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, "triton"))
+    v, s = torch.ops.fastcaps.routing(u, weight, bias, 3, False, "triton")
+    torch.library.opcheck(torch.ops.fastcaps.routing_backward.default,
+                          (grad_v, u, weight, bias, s, 3, False, "triton"))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    u, weight, bias, grad_v = _inputs((3, 7, 3, 5, 3))
+
+    def step(u, weight, bias):
+        return fastcaps.dynamic_routing(u, weight, bias, 3, backend="triton").square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager_leaves = [t.clone().requires_grad_() for t in (u, weight, bias)]
+    compiled_leaves = [t.clone().requires_grad_() for t in (u, weight, bias)]
+    eager_loss, compiled_loss = step(*eager_leaves), compiled(*compiled_leaves)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for a, b in zip(torch.autograd.grad(eager_loss, eager_leaves), torch.autograd.grad(compiled_loss, compiled_leaves)):
+        torch.testing.assert_close(b, a)
+
+
+def test_empty_batch():
+    u, weight, bias, _ = _inputs((2, 5, 3, 4, 2))
+    u = u[:0].requires_grad_()
+    weight.requires_grad_()
+    v = fastcaps.dynamic_routing(u, weight, bias, backend="triton")
+    assert v.shape == (0, 3, 4)
+    v.sum().backward()
+    assert u.grad.shape == u.shape and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_squash_is_finite_for_zero_and_huge_inputs():
+    """u = 0 makes s = 0 (squash and its gradient at exactly zero); huge W makes |s| ~ 1e30."""
+    u, weight, _, grad_v = _inputs((2, 5, 3, 4, 2))
+    for u_, w_ in ((torch.zeros_like(u), weight), (u, weight * 1e30)):
+        value, *grads = _forward_backward(u_, w_, torch.zeros(3, 4, device=DEVICE), grad_v)
+        assert all(torch.isfinite(t).all() for t in (value, *grads))
+        # The reference's textbook squash overflows at 1e30; the "torch" kernel shares ours.
+        torch.testing.assert_close(value, fastcaps.dynamic_routing(u_, w_, torch.zeros(3, 4, device=DEVICE),
+                                                                   backend="torch"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error without the interpreter")
+def test_cpu_tensors_without_the_interpreter_say_how_to_run():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    program = (
+        "import torch, fastcaps\n"
+        "try:\n"
+        "    fastcaps.dynamic_routing(torch.randn(2, 3, 4), torch.randn(5, 3, 6, 4), backend='triton')\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+        "print('auto:', fastcaps.backends.resolve_backend('auto', torch.device('cpu')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "backend='triton' cannot run on cpu" in result.stdout and "TRITON_INTERPRET=1" in result.stdout
+    assert "auto: cpu" in result.stdout or "auto: torch" in result.stdout
+
+
+def test_auto_never_takes_the_interpreter():
+    assert backends.resolve_backend("auto", torch.device("cpu")) != "triton"
+    assert backends.auto_order(torch.device("cuda"))[0] == "triton"
+
+
+def test_ahead_of_time_compilation_for_sm80_and_sm90_without_spills(tmp_path):
+    """Every kernel at every launch configuration for the MNIST capsule dimensions compiles
+    to a cubin for sm_80 and sm_90 and keeps its registers (no local-memory spills)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    report = tmp_path / "aot.json"
+    result = subprocess.run([sys.executable, "-m", "fastcaps.triton_aot", "--json", str(report)],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    compiled = json.loads(report.read_text())
+    kernels = {(r["kernel"], r["arch"]) for r in compiled}
+    for arch in (80, 90):
+        for name in ("routing_pass", "forward_reduce", "backward_reduce", "routing_final"):
+            assert (name, arch) in kernels
+    assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in compiled)
+    assert any("USE_DOT=True" in r["options"] for r in compiled)
+
+
+@cuda_only
+@pytest.mark.parametrize("batch", [1, 128])
+def test_mnist_shape_on_cuda(batch):
+    case = check.Case(batch, 1152, 10, 16, 8, 3, False, True)
+    row = check.check_case("triton", case, torch.float32, seed=batch, device="cuda")
+    assert row.passed, check.format_row(row)
+
+
+@cuda_only
+def test_cuda_results_are_bitwise_repeatable():
+    inputs = _inputs((64, 1152, 10, 16, 8))
+    first, second = _forward_backward(*inputs), _forward_backward(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
