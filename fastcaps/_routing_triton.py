@@ -103,7 +103,7 @@ def _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_
                      mask=(sample < batch) & (feature < in_dim), other=0.0)
     # W tile (DIN_PAD, J_PAD * D_PAD): column j * D_PAD + d holds W[j, capsule, d, :]
     column = tl.arange(0, J_PAD * D_PAD)[None, :]
-    out_cap = column // D_PAD
+    out_cap = (column // D_PAD).to(tl.int64)  # J * I can pass 2^31
     out_d = column % D_PAD
     in_e = tl.arange(0, DIN_PAD)[:, None]
     w_tile = tl.load(w_ptr + ((out_cap * in_caps + capsule) * out_dim + out_d) * in_dim + in_e,
@@ -269,7 +269,7 @@ def _routing_final_kernel(
     so the sum over the batch needs no atomics and is taken in batch order."""
     ACC = routed_ptr.dtype.element_ty
     capsule = tl.program_id(0).to(tl.int64)
-    cap = tl.arange(0, J_PAD)[:, None, None]
+    cap = tl.arange(0, J_PAD).to(tl.int64)[:, None, None]  # J * I can pass 2^31
     dim = tl.arange(0, D_PAD)[None, :, None]
     feature = tl.arange(0, DIN_PAD)[None, None, :]
     w_offsets = ((cap * in_caps + capsule) * out_dim + dim) * in_dim + feature

@@ -216,6 +216,19 @@ def test_ahead_of_time_compilation_for_sm80_and_sm90_without_spills(tmp_path):
     assert any("USE_DOT=True" in r["options"] for r in compiled)
 
 
+@pytest.mark.parametrize("dims", [(1, 1, 1), (3, 5, 3)], ids=["J1-D1-Din1", "J3-D5-Din3"])
+def test_ahead_of_time_compilation_at_odd_capsule_dimensions(dims):
+    """Other capsule dimensions give other padded tiles (1-wide ones, tl.dot with 32 columns):
+    every configuration still compiles for sm_90 without spilling."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out_caps, out_dim, in_dim = dims
+    result = subprocess.run([sys.executable, "-m", "fastcaps.triton_aot", "--arch", "90", "--out-caps", str(out_caps),
+                             "--out-dim", str(out_dim), "--in-dim", str(in_dim)],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "0 spill to local memory" in result.stdout
+
+
 @cuda_only
 @pytest.mark.parametrize("batch", [1, 128])
 def test_mnist_shape_on_cuda(batch):
