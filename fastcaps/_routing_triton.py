@@ -403,6 +403,12 @@ def _reduce_grid(batch: int):
     return (triton.cdiv(batch, REDUCE_CONFIG.block_b),)
 
 
+def _reduce_options(out_caps: int, out_dim: int) -> dict:
+    """Block sizes and warps of both reduction kernels."""
+    return dict(BLOCK_B=REDUCE_CONFIG.block_b, J_PAD=_padded(out_caps), D_PAD=_padded(out_dim),
+                num_warps=REDUCE_CONFIG.num_warps)
+
+
 def routing_forward(
     u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, detach: bool
 ) -> Tuple[Tensor, Tensor]:
@@ -426,8 +432,7 @@ def routing_forward(
                                        None, 0, acc, backward=False)
         _forward_reduce_kernel[_reduce_grid(batch)](
             partial, bias_k, s, routed, v, batch, out_caps, out_dim, iterations, t, chunks, routed_rows,
-            HAS_BIAS=bias is not None, BLOCK_B=REDUCE_CONFIG.block_b, J_PAD=_padded(out_caps),
-            D_PAD=_padded(out_dim), num_warps=REDUCE_CONFIG.num_warps,
+            HAS_BIAS=bias is not None, **_reduce_options(out_caps, out_dim),
         )
     return v, s
 
@@ -450,11 +455,10 @@ def routing_backward(
     routed = u.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)
     sigma = torch.empty_like(routed)
     carried = u.new_empty(batch, out_caps, out_dim, dtype=acc)
-    pads = dict(BLOCK_B=REDUCE_CONFIG.block_b, J_PAD=_padded(out_caps), D_PAD=_padded(out_dim),
-                num_warps=REDUCE_CONFIG.num_warps)
+    reduce_options = _reduce_options(out_caps, out_dim)
     _backward_reduce_kernel[_reduce_grid(batch)](
         s, s, grad_v_k, carried, routed, sigma, batch, out_caps, out_dim, iterations,
-        iterations - 1, 0, PROLOGUE=True, **pads,
+        iterations - 1, 0, PROLOGUE=True, **reduce_options,
     )
     # Phase A: with detach only the last iteration carries gradient and c_r is a constant.
     first_differentiable = iterations - 1 if detach else 0
@@ -463,7 +467,7 @@ def routing_backward(
                                        sigma[:, t], iterations * jd, acc, backward=True)
         _backward_reduce_kernel[_reduce_grid(batch)](
             partial, s, grad_v_k, carried, routed, sigma, batch, out_caps, out_dim, iterations,
-            t - 1, chunks, PROLOGUE=False, **pads,
+            t - 1, chunks, PROLOGUE=False, **reduce_options,
         )
     # Every element is written: program i writes grad u[:, i] and grad W[:, i].
     grad_u_k, grad_weight_k = torch.empty_like(u_k), torch.empty_like(weight_k)

@@ -15,6 +15,7 @@ back silently.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Dict, List, Optional, Tuple, Union
@@ -40,8 +41,10 @@ def auto_order(device: torch.device) -> Tuple[str, ...]:
     return AUTO_ORDER.get(device.type, _AUTO_ORDER_ELSEWHERE)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_problem() -> Optional[str]:
-    """None if the Triton kernels import (importing triton on first call), else why not."""
+    """None if the Triton kernels import, else why not. Probed once (importing triton),
+    not on every routing call that resolves a backend."""
     if importlib.util.find_spec("triton") is None:
         return f"triton is not installed. Install it with: {TRITON_INSTALL}"
     try:

@@ -3,7 +3,8 @@
 The providers of a group (same case, batch, depth, mode) are timed in interleaved rounds
 (``bench.measure_group``), in three fresh processes whose rounds are pooled. A speed-up
 is the median over rounds of the reference's time divided by the provider's in the same
-round; its spread is the first to third quartile of those ratios. Two runs agree when their spreads overlap (``fastcaps bench --compare A B``).
+round; its spread is the first to third quartile of those ratios. Two runs agree when
+their spreads overlap (``fastcaps bench --compare A B``).
 """
 
 from __future__ import annotations
@@ -336,8 +337,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--iterations", action="append", type=int, help="repeatable; default: 3")
     parser.add_argument("--mode", action="append", choices=bench.MODES, help="repeatable; default: both")
     parser.add_argument("--provider", action="append",
-                        help="repeatable; default: reference, reference-compiled and the kernels 'auto' may pick "
-                             "(add opt-in ones, e.g. --provider cpu)")
+                        help="repeatable; default: reference, reference-compiled and the kernels 'auto' may "
+                             "pick on the device")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds per group, at least")
     parser.add_argument("--min-seconds", type=float, default=4.0,

@@ -67,9 +67,11 @@ def launch_configurations(out_caps: int, out_dim: int, in_dim: int) -> Iterator[
     from . import _routing_triton as rt
 
     pads = dict(J_PAD=rt._padded(out_caps), D_PAD=rt._padded(out_dim))
+    largest_block = max(config.block_b for config in rt.PASS_CONFIGS)
     for dtype in DTYPES:
+        reachable = {rt.pass_config(batch, dtype) for batch in range(1, 2 * largest_block + 1)}
         for config in rt.PASS_CONFIGS:
-            if config not in {rt.pass_config(batch, dtype) for batch in range(1, 4 * config.block_b + 1)}:
+            if config not in reachable:
                 continue
             use_dot = rt._uses_dot(config, dtype, out_caps, out_dim)
             for backward in (False, True):
@@ -140,13 +142,11 @@ def compile_all(archs: Sequence[int] = ARCHS, out_caps: int = MNIST["out_caps"],
 
 
 def format_table(results: Sequence[Compiled]) -> str:
+    from .check import format_table
+
     header = ("kernel", "sm", "dtype", "options", "warps", "regs", "shared B", "spill B")
-    rows = [(r.kernel, str(r.arch), r.dtype, r.options, str(r.num_warps), str(r.registers),
-             str(r.shared_bytes), str(r.spill_bytes)) for r in results]
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table([(r.kernel, r.arch, r.dtype, r.options, r.num_warps, r.registers, r.shared_bytes,
+                          r.spill_bytes) for r in results], header)
 
 
 def main(argv=None) -> int:

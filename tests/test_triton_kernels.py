@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastcaps
-from fastcaps import backends, check, reference
+from fastcaps import backends, check
 
 pytestmark = pytest.mark.skipif(
     "triton" not in fastcaps.available_backends("cuda" if torch.cuda.is_available() else "cpu"),
@@ -69,10 +69,15 @@ def _inputs(shape, dtype=torch.float32, seed=0):
     return [t.to(dtype).to(DEVICE) for t in check.make_inputs(case, seed)]
 
 
-def _forward_backward(u, weight, bias, grad_v, iterations=3, detach=False):
+def _forward_backward(u, weight, bias, grad_v, backend="triton"):
     leaves = [t.detach().clone().requires_grad_() for t in (u, weight, bias)]
-    v = fastcaps.dynamic_routing(*leaves, iterations=iterations, detach=detach, backend="triton")
+    v = fastcaps.dynamic_routing(*leaves, iterations=3, backend=backend)
     return [v.detach(), *torch.autograd.grad(v, leaves, grad_v)]
+
+
+def _without_interpreter() -> dict:
+    """The environment for a child process that compiles or rejects, rather than interprets."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 @pytest.mark.parametrize("processors", [1, 3, 40])
@@ -90,15 +95,9 @@ def test_capsule_chunks_sum_to_the_same_result(processors, monkeypatch):
     first, second = _forward_backward(*inputs), _forward_backward(*inputs)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    expected = _forward_backward_reference(*inputs)
+    expected = _forward_backward(*inputs, backend="reference")
     for value, ref in zip(first, expected):
         torch.testing.assert_close(value, ref, rtol=1e-4, atol=1e-5)
-
-
-def _forward_backward_reference(u, weight, bias, grad_v):
-    leaves = [t.detach().clone().requires_grad_() for t in (u, weight, bias)]
-    v = fastcaps.dynamic_routing(*leaves, iterations=3, backend="reference")
-    return [v.detach(), *torch.autograd.grad(v, leaves, grad_v)]
 
 
 def test_capsule_chunks_cover_every_capsule_once():
@@ -179,7 +178,6 @@ def test_squash_is_finite_for_zero_and_huge_inputs():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error without the interpreter")
 def test_cpu_tensors_without_the_interpreter_say_how_to_run():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     program = (
         "import torch, fastcaps\n"
         "try:\n"
@@ -188,7 +186,8 @@ def test_cpu_tensors_without_the_interpreter_say_how_to_run():
         "    print(error)\n"
         "print('auto:', fastcaps.backends.resolve_backend('auto', torch.device('cpu')))\n"
     )
-    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            env=_without_interpreter(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "backend='triton' cannot run on cpu" in result.stdout and "TRITON_INTERPRET=1" in result.stdout
     assert "auto: cpu" in result.stdout or "auto: torch" in result.stdout
@@ -202,10 +201,9 @@ def test_auto_never_takes_the_interpreter():
 def test_ahead_of_time_compilation_for_sm80_and_sm90_without_spills(tmp_path):
     """Every kernel at every launch configuration for the MNIST capsule dimensions compiles
     to a cubin for sm_80 and sm_90 and keeps its registers (no local-memory spills)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "aot.json"
     result = subprocess.run([sys.executable, "-m", "fastcaps.triton_aot", "--json", str(report)],
-                            capture_output=True, text=True, env=env, timeout=900)
+                            capture_output=True, text=True, env=_without_interpreter(), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     compiled = json.loads(report.read_text())
     kernels = {(r["kernel"], r["arch"]) for r in compiled}
@@ -220,11 +218,10 @@ def test_ahead_of_time_compilation_for_sm80_and_sm90_without_spills(tmp_path):
 def test_ahead_of_time_compilation_at_odd_capsule_dimensions(dims):
     """Other capsule dimensions give other padded tiles (1-wide ones, tl.dot with 32 columns):
     every configuration still compiles for sm_90 without spilling."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out_caps, out_dim, in_dim = dims
     result = subprocess.run([sys.executable, "-m", "fastcaps.triton_aot", "--arch", "90", "--out-caps", str(out_caps),
                              "--out-dim", str(out_dim), "--in-dim", str(in_dim)],
-                            capture_output=True, text=True, env=env, timeout=900)
+                            capture_output=True, text=True, env=_without_interpreter(), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "0 spill to local memory" in result.stdout
 
