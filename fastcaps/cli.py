@@ -1,4 +1,4 @@
-"""The ``fastcaps`` command line: ``fastcaps check`` and ``fastcaps bench``."""
+"""The ``fastcaps`` command line: ``fastcaps check``, ``fastcaps bench`` and ``fastcaps train``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import torch
 
-from . import check, report
+from . import check, report, train
 from .backends import BACKENDS, available_backends
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_parser.add_argument("--verbose", "-v", action="store_true", help="one line per case")
     check_parser.set_defaults(run=_check)
     report.add_parser(commands)
+    train.add_parser(commands)
     return parser
 
 

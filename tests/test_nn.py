@@ -105,7 +105,8 @@ def test_capsnet_rejects_wrong_image_shape():
         fastcaps.CapsNet(device="meta")(torch.rand(2, 28, 28, device="meta"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# Every backend, "triton" too: this model's DigitCaps is small enough for the interpreter.
+@pytest.mark.parametrize("backend", fastcaps.available_backends("cpu"))
 def test_compiled_model_matches_eager(backend):
     torch.manual_seed(0)
     torch._dynamo.reset()
