@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .data import Digits, load_mnist_idx, load_sklearn_digits
 from .nn import CapsNet, CapsuleLoss
+from .report import _pyplot
 
 __all__ = ["TrainConfig", "train", "epoch_batches", "shift_images", "process_slice", "add_parser"]
 
@@ -251,7 +252,7 @@ def train(config: TrainConfig) -> List[Dict]:
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         batches, generator = epoch_batches(len(train_set.labels), config.batch_size, config.seed, epoch)
-        model.train()
+        runner.train()  # evaluate() left the runner (and any DDP or compile wrapper) in eval mode
         total_loss = correct = seen = 0.0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                    disable=not (config.progress and processes.main))
@@ -266,10 +267,11 @@ def train(config: TrainConfig) -> List[Dict]:
             loss.backward()
             optimizer.step()
             schedule.step()
-            total_loss += loss.item() * local
+            step_loss = loss.item()
+            total_loss += step_loss * local
             correct += (output.lengths.detach().argmax(1) == labels).sum().item()
             seen += local
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{step_loss:.4f}")
         total_loss, correct, seen = _sum_over_processes([total_loss, correct, seen], processes, device)
         test_loss, test_accuracy = evaluate(runner, test_set, config.batch_size, processes, device)
         history.append({"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
@@ -301,9 +303,7 @@ def train(config: TrainConfig) -> List[Dict]:
 def save_reconstructions(model: CapsNet, data: Digits, path: str, device: torch.device, columns: int = 10) -> None:
     """Test digits (the first of each class) above the decoder's reconstruction of them from
     the longest DigitCaps capsule, with the label and the prediction."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if model.decoder is None or len(data.labels) == 0:
         return
@@ -330,9 +330,7 @@ def save_reconstructions(model: CapsNet, data: Digits, path: str, device: torch.
 
 
 def save_curves(history: List[Dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if not history:
         return

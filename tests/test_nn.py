@@ -129,41 +129,6 @@ def test_compiled_model_matches_eager(backend):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-class PublicStyleDigitCaps(nn.Module):
-    """DigitCaps as several public PyTorch implementations write it: W of shape
-    (1, I, J, D, Din), u_hat materialized, logits b_ij updated in place of a V-sum."""
-
-    def __init__(self, in_caps=1152, in_dim=8, out_caps=10, out_dim=16, iterations=3):
-        super().__init__()
-        self.iterations = iterations
-        self.W = nn.Parameter(0.05 * torch.randn(1, in_caps, out_caps, out_dim, in_dim))
-
-    def forward(self, x):
-        batch = x.size(0)
-        x = x.unsqueeze(2).unsqueeze(-1)  # (B, I, 1, Din, 1)
-        u_hat = torch.matmul(self.W, x).squeeze(-1)  # (B, I, J, D)
-        b_ij = torch.zeros(batch, u_hat.size(1), u_hat.size(2), 1)
-        for iteration in range(self.iterations):
-            c_ij = torch.softmax(b_ij, dim=2)  # over output capsules
-            s_j = (c_ij * u_hat).sum(dim=1, keepdim=True)
-            norm_squared = (s_j ** 2).sum(-1, keepdim=True)
-            v_j = norm_squared / (1 + norm_squared) * s_j / torch.sqrt(norm_squared)
-            if iteration < self.iterations - 1:
-                b_ij = b_ij + (u_hat * v_j).sum(-1, keepdim=True)
-        return v_j.squeeze(1)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_drop_in_replacement_with_imported_weights(backend):
-    torch.manual_seed(0)
-    theirs = PublicStyleDigitCaps(in_caps=72, in_dim=8, out_caps=10, out_dim=16)
-    ours = fastcaps.DigitCaps(in_caps=72, in_dim=8, out_caps=10, out_dim=16, backend=backend)
-    with torch.no_grad():
-        ours.weight.copy_(fastcaps.convert_weight(theirs.W, "1 in_caps out_caps out_dim in_dim"))
-    u = fastcaps.squash(torch.randn(4, 72, 8))
-    torch.testing.assert_close(ours(u), theirs(u), rtol=1e-5, atol=1e-6)
-
-
 def test_convert_weight_layouts_and_errors():
     weight = torch.randn(10, 12, 8, 16)  # (J, I, Din, D)
     converted = fastcaps.convert_weight(weight, "out_caps in_caps in_dim out_dim")

@@ -5,7 +5,6 @@ capsule channels: 72 input capsules), so that a few epochs take seconds.
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,18 +20,11 @@ from fastcaps.nn import CapsuleLoss
 TINY = dict(limit=96, batch_size=16, conv_channels=8, primary_channels=2, progress=False)
 
 
-def _environment():
-    # Children import this checkout's fastcaps; TRITON_INTERPRET is irrelevant to them.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
-
-
 def _torchrun(processes, *arguments, cwd):
     # --standalone: a rendezvous on a free local port, so parallel runs do not collide.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                *arguments]
-    result = subprocess.run(command, cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
