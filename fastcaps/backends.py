@@ -9,8 +9,10 @@
   for validating the kernels on a machine without a GPU; "auto" never picks it).
 
 ``"auto"`` takes the FASTCAPS_BACKEND environment variable if it is set, else the fastest
-kernel for the tensor's device. Forcing a backend that cannot run raises; nothing falls
-back silently.
+kernel for the tensor's device. When that is not the device's first choice (the C++
+extension is not built, triton is not installed), the first such call warns once per device
+type, naming the kernel it runs and why the faster one cannot. Forcing a backend that cannot
+run raises; nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Dict, List, Optional, Tuple, Union
+import warnings
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 
@@ -93,6 +96,39 @@ def available_backends(device: Union[str, torch.device, None] = None) -> List[st
     return [name for name in BACKENDS if _unavailable_reason(name, device) is None]
 
 
+# Device types whose "auto" fallback has been announced (see _announce_fallback).
+_announced_fallbacks: Set[str] = set()
+
+
+def _resolve_auto(device: torch.device) -> str:
+    """The first backend of ``auto_order(device)`` that can run, announcing a fallback."""
+    passed_over = []
+    for name in auto_order(device):
+        reason = _unavailable_reason(name, device)
+        if reason is None:
+            if passed_over:
+                _announce_fallback(device, name, passed_over)
+            return name
+        passed_over.append((name, reason))
+    raise AssertionError(f"no backend in auto_order({device}) can run; 'torch' always can")
+
+
+def _announce_fallback(device: torch.device, chosen: str, passed_over: List[Tuple[str, str]]) -> None:
+    """Warn, once per device type, that "auto" runs ``chosen`` instead of a faster kernel.
+    Skipped while dynamo traces (it cannot trace warnings.warn, and a warning there would
+    break the graph); the first eager call says it."""
+    if device.type in _announced_fallbacks or torch.compiler.is_compiling():
+        return
+    _announced_fallbacks.add(device.type)
+    reasons = "; ".join(f"{name!r} is unavailable: {reason}" for name, reason in passed_over)
+    warnings.warn(
+        f"fastcaps: backend='auto' on {device.type} tensors runs the {chosen!r} kernel, because {reasons}. "
+        f"Pass backend={chosen!r} or set FASTCAPS_BACKEND={chosen} to choose it explicitly.",
+        RuntimeWarning,
+        stacklevel=5,  # the caller of dynamic_routing (here, _resolve_auto, resolve_backend, dynamic_routing)
+    )
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for a call on ``device``: "auto" resolved, a forced one checked."""
     if not isinstance(backend, str):
@@ -100,9 +136,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = os.environ.get("FASTCAPS_BACKEND", "auto") or "auto"
         if backend == "auto":
-            return next(
-                name for name in auto_order(device) if _unavailable_reason(name, device) is None
-            )
+            return _resolve_auto(device)
         source = "FASTCAPS_BACKEND"
     else:
         source = "backend"

@@ -1,5 +1,7 @@
-"""The package without its C++ extension, or with a stale one: it imports, warns once,
-and the pure-PyTorch backends work."""
+"""The package without its C++ extension, with a stale one, or without triton: it imports,
+the pure-PyTorch backends work, "auto" says once which kernel it runs instead, and forcing
+the missing backend raises an error that says how to get it. A broken extension also warns
+once at import."""
 
 import subprocess
 import sys
@@ -22,6 +24,18 @@ def _run(prelude: str) -> subprocess.CompletedProcess:
         v = fastcaps.dynamic_routing(u, w, backend="torch")
         torch.testing.assert_close(v, fastcaps.dynamic_routing(u, w, backend="reference"))
         print("routed")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                torch.testing.assert_close(fastcaps.dynamic_routing(u, w), v)
+        said = [str(w.message) for w in caught if "fastcaps" in str(w.message)]
+        print(len(said))
+        print(said[0] if said else "")
+        try:
+            fastcaps.dynamic_routing(u, w, backend="cpu")
+            print("cpu ran")
+        except RuntimeError as error:
+            print(str(error).replace("\\n", " "))
     """)
     return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
 
@@ -41,13 +55,49 @@ def _run(prelude: str) -> subprocess.CompletedProcess:
 def test_unusable_extension_warns_once_and_routing_works(prelude, expected):
     result = _run(prelude)
     assert result.returncode == 0, result.stderr
-    count, message, routed = result.stdout.strip().splitlines()
+    count, message, routed, auto_count, auto_message, forced = result.stdout.strip().splitlines()
     assert count == "1" and routed == "routed"
     for fragment in expected:
         assert fragment in message
+    # Three "auto" calls: one warning, naming what runs and why the C++ kernels do not.
+    assert auto_count == "1"
+    assert "backend='auto' on cpu tensors runs the 'torch' kernel, because 'cpu' is unavailable:" in auto_message
+    for fragment in expected:
+        assert fragment in auto_message
+    assert forced.startswith("backend='cpu' cannot run on cpu:") and "pip install --no-build-isolation" in forced
 
 
 def test_installed_extension_loads_without_warning():
     result = _run("")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == "0"
+    count, _, routed, auto_count, _, forced = result.stdout.splitlines()
+    assert (count, routed, auto_count, forced) == ("0", "routed", "0", "cpu ran")
+
+
+def test_without_triton_import_works_and_forcing_it_says_how_to_install():
+    program = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None  # as if triton were not installed
+        import warnings
+        import torch
+        import fastcaps
+        assert "triton" not in fastcaps.available_backends("cpu")
+        u, w = torch.randn(2, 5, 3), torch.randn(4, 5, 6, 3)
+        try:
+            fastcaps.dynamic_routing(u, w, backend="triton")
+        except RuntimeError as error:
+            print(error)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            print(fastcaps.backends.resolve_backend("auto", torch.device("cuda")))
+            fastcaps.backends.resolve_backend("auto", torch.device("cuda"))
+        print(len(caught), caught[0].message)
+    """)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    forced, auto, said = result.stdout.strip().splitlines()
+    assert forced == ("backend='triton' cannot run on cpu: triton is not installed. Install it with: "
+                      "pip install triton  (Linux; CUDA tensors need an NVIDIA GPU)")
+    assert auto == "torch"
+    assert said.startswith("1 fastcaps: backend='auto' on cuda tensors runs the 'torch' kernel, because 'triton' "
+                           "is unavailable: triton is not installed.")

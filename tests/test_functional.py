@@ -1,5 +1,7 @@
 """Public functional API: validation messages, backend choice, squash and the losses."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -24,6 +26,9 @@ W = torch.randn(4, 6, 5, 3)
         ({"u": torch.ones(2, 6, 3, dtype=torch.int64)}, TypeError, "u must be a floating-point tensor"),
         ({"weight": torch.ones(4, 6, 5, 3, dtype=torch.int32)}, TypeError, "weight must be a floating-point tensor"),
         ({"u": torch.ones(2, 6, 3, dtype=torch.complex64)}, TypeError, "u must be a floating-point tensor"),
+        ({"weight": torch.ones(4, 6, 5, 3, dtype=torch.complex128)}, TypeError, "weight must be a floating-point tensor"),
+        ({"bias": torch.ones(4, 5, dtype=torch.int64)}, TypeError, "bias has dtype torch.int64 but u has dtype torch.float32"),
+        ({"bias": [[0.0] * 5] * 4}, TypeError, "bias must be a tensor or None"),
         ({"u": [[1.0]]}, TypeError, "u must be a tensor"),
         ({"iterations": 0}, ValueError, "iterations must be >= 1, got 0"),
         ({"iterations": 2.0}, TypeError, "iterations must be an int >= 1"),
@@ -33,7 +38,7 @@ W = torch.randn(4, 6, 5, 3)
         ({"weight": torch.randn(0, 6, 5, 3)}, ValueError, "out_caps, out_dim and in_dim must be at least 1"),
     ],
 )
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", fastcaps.available_backends("cpu"))
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, message, backend):
     call = {"u": U, "weight": W, "bias": None, "iterations": 3, "detach": False, "backend": backend}
     call.update(kwargs)
@@ -41,14 +46,45 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, error, message, backend
         F.dynamic_routing(**call)
 
 
-def test_meta_device_mismatch_is_named():
+@pytest.mark.parametrize("backend", fastcaps.available_backends("cpu"))
+def test_device_mismatch_is_named(backend):
     with pytest.raises(ValueError, match="weight is on meta but u is on cpu"):
-        F.dynamic_routing(U, W.to("meta"))
+        F.dynamic_routing(U, W.to("meta"), backend=backend)
+    with pytest.raises(ValueError, match="bias is on meta but u is on cpu"):
+        F.dynamic_routing(U, W, torch.zeros(4, 5, device="meta"), backend=backend)
 
 
 def test_available_backends_and_auto():
     assert fastcaps.available_backends("cpu")[:2] == ["reference", "torch"]
     assert fastcaps.backends.resolve_backend("auto", torch.device("cpu")) in fastcaps.available_backends("cpu")
+
+
+def test_auto_announces_a_fallback_once_per_device_type(monkeypatch):
+    # CUDA without triton, simulated: resolving a backend needs no CUDA device.
+    monkeypatch.setattr(fastcaps.backends, "triton_problem", lambda: "triton is not installed. Install it with: X")
+    monkeypatch.setattr(fastcaps.backends, "_announced_fallbacks", set())
+    cuda = torch.device("cuda")
+    expected = r"backend='auto' on cuda tensors runs the 'torch' kernel, because 'triton' is unavailable: triton is not installed"
+    with pytest.warns(RuntimeWarning, match=expected):
+        assert fastcaps.backends.resolve_backend("auto", cuda) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fastcaps.backends.resolve_backend("auto", cuda) == "torch"  # said once already
+        assert fastcaps.backends.resolve_backend("torch", cuda) == "torch"  # forced: nothing to say
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run on cuda: triton is not installed"):
+        fastcaps.backends.resolve_backend("triton", cuda)
+
+
+def test_auto_fallback_inside_torch_compile_keeps_one_graph(monkeypatch):
+    # dynamo cannot trace warnings.warn: the announcement waits for an eager call instead.
+    monkeypatch.setattr(fastcaps.backends._extension, "problem", lambda: "the C++ extension is missing")
+    monkeypatch.setattr(fastcaps.backends, "_announced_fallbacks", set())
+    compiled = torch.compile(F.dynamic_routing, fullgraph=True, dynamic=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        torch.testing.assert_close(compiled(U, W), F.dynamic_routing(U, W, backend="torch"))
+    with pytest.warns(RuntimeWarning, match="runs the 'torch' kernel, because 'cpu' is unavailable: the C\\+\\+ extension is missing"):
+        F.dynamic_routing(U, W)
 
 
 def test_environment_variable_forces_a_backend(monkeypatch):
