@@ -49,7 +49,25 @@ def _couplings(u_hat: Tensor, routed: Optional[Tensor]) -> Tensor:
     if routed is None:
         return u_hat.new_full((batch, out_caps, in_caps), 1.0 / out_caps)
     logits = torch.einsum("bjid,bjd->bji", u_hat, routed)
-    return torch.softmax(logits, dim=1)
+    return _softmax_over_output_capsules(logits)
+
+
+# ATen runs an elementwise op on one thread below at::internal::GRAIN_SIZE (32768) elements.
+_SERIAL_ELEMENTS = 1 << 14
+
+
+def _softmax_over_output_capsules(logits: Tensor) -> Tensor:
+    """softmax over dim 1, bitwise the same for any torch.get_num_threads().
+
+    ATen's vector and scalar exp differ in the last bit, and a parallel exp (or
+    torch.softmax over an inner dimension) hands elements to the scalar path at the
+    threads' split points, which move with the thread count. So exp runs in fixed
+    pieces that each stay on one thread; the max, the sums and the division are exact
+    or taken in a fixed order."""
+    weights = logits - logits.amax(dim=1, keepdim=True)
+    for piece in weights.view(-1).split(_SERIAL_ELEMENTS):
+        piece.exp_()
+    return weights / weights.sum(dim=1, keepdim=True)
 
 
 def routing_forward(
