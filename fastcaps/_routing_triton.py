@@ -31,7 +31,7 @@ bfloat16 product is exact in float32) that the GPU's bfloat16 path accumulates i
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -157,7 +157,7 @@ def _routing_pass_kernel(
         sigma = tl.load(sigma_ptr + rows * sigma_stride + state_offsets, mask=state_mask, other=0.0)
     caps_valid = (tl.arange(0, J_PAD) < out_caps)[None, :]
     total = tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC)
-    first = chunk * caps_per_chunk
+    first = chunk.to(tl.int64) * caps_per_chunk  # past 2^31 when in_caps is
     last = tl.minimum(first + caps_per_chunk, in_caps)
     for capsule in range(first, last):
         u_hat = _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
@@ -260,15 +260,15 @@ def _routing_final_kernel(
     sigma_ptr,  # (B, r, J, D): dL/ds_t
     grad_u_ptr,  # (B, I, Din) u's dtype
     grad_w_ptr,  # (J, I, D, Din) weight's dtype
-    batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable,
+    batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first_capsule,
     DETACH: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr, DIN_PAD: tl.constexpr,
 ):
-    """Phase B for one input capsule i: for each sample in order,
+    """Phase B for one input capsule i (first_capsule + the program id): for each sample in order,
     g_uhat[j] = sum_t c_t[j] sigma_t[j] + delta_t[j] V_{t-1}[j], then grad u[b, i] = sum_j
     W[j, i]^T g_uhat[j] and grad W[:, i] += g_uhat u[b, i]^T. The program owns grad W[:, i],
     so the sum over the batch needs no atomics and is taken in batch order."""
     ACC = routed_ptr.dtype.element_ty
-    capsule = tl.program_id(0).to(tl.int64)
+    capsule = tl.program_id(0).to(tl.int64) + first_capsule
     cap = tl.arange(0, J_PAD).to(tl.int64)[:, None, None]  # J * I can pass 2^31
     dim = tl.arange(0, D_PAD)[None, :, None]
     feature = tl.arange(0, DIN_PAD)[None, None, :]
@@ -347,6 +347,39 @@ def capsule_chunks(batch: int, in_caps: int, block_b: int, processors: int) -> T
     return per_chunk, max(1, triton.cdiv(in_caps, per_chunk))
 
 
+# CUDA takes at most 2^31 - 1 programs on a grid's first axis and 65535 on the others. A
+# launch covers at most this many samples (or, in the final kernel, input capsules), which
+# also keeps the kernels' 32-bit products program id x BLOCK_B below 2^31; larger batches
+# and capsule counts are split into several launches, each computing exactly what one
+# launch would (the samples are independent, and so are the final kernel's capsules).
+MAX_GRID_X = 2 ** 31 - 1
+MAX_GRID_Y = 65535
+MAX_LAUNCH_ROWS = 2 ** 30
+
+
+def launch_ranges(count: int) -> List[Tuple[int, int]]:
+    """[start, stop) ranges of at most MAX_LAUNCH_ROWS that cover range(count) in order."""
+    return [(start, min(count, start + MAX_LAUNCH_ROWS)) for start in range(0, count, MAX_LAUNCH_ROWS)]
+
+
+class PassPlan(NamedTuple):
+    config: PassConfig
+    chunks: int
+    per_chunk: int  # capsules per chunk
+
+    def grid(self, rows: int) -> Tuple[int, int]:
+        """(sample blocks, chunks) for a launch over ``rows`` samples."""
+        return triton.cdiv(rows, self.config.block_b), self.chunks
+
+
+def pass_plan(batch: int, in_caps: int, dtype: torch.dtype, processors: int) -> PassPlan:
+    """The passes' configuration and capsule chunks, chosen from the whole batch: a batch split
+    over several launches uses the same ones, so each sample gets the same bits."""
+    config = pass_config(batch, dtype)
+    per_chunk, chunks = capsule_chunks(batch, in_caps, config.block_b, processors)
+    return PassPlan(config, chunks, per_chunk)
+
+
 def _processors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -373,24 +406,23 @@ class _Shape(NamedTuple):
     in_dim: int
 
 
-def _launch_pass(shape: _Shape, u: Tensor, weight: Tensor, routed: Tensor, routed_stride: int,
+def _launch_pass(shape: _Shape, plan: PassPlan, u: Tensor, weight: Tensor, routed: Tensor, routed_stride: int,
                  routed_rows: int, sigma: Optional[Tensor], sigma_stride: int,
-                 partial_dtype: torch.dtype, backward: bool) -> Tuple[Tensor, int]:
-    """One pass over the input capsules; returns the (B, chunks, J, D) partials and chunks."""
-    config = pass_config(shape.batch, u.dtype)
+                 partial_dtype: torch.dtype, backward: bool) -> Tensor:
+    """One pass over the input capsules for shape.batch samples; returns the
+    (shape.batch, chunks, J, D) partials."""
+    config, chunks = plan.config, plan.chunks
     use_dot = _uses_dot(config, u.dtype, shape.out_caps, shape.out_dim)
-    per_chunk, chunks = capsule_chunks(shape.batch, shape.in_caps, config.block_b, _processors(u.device))
     partial = u.new_empty(shape.batch, chunks, shape.out_caps, shape.out_dim, dtype=partial_dtype)
-    grid = (triton.cdiv(shape.batch, config.block_b), chunks)
-    _routing_pass_kernel[grid](
+    _routing_pass_kernel[plan.grid(shape.batch)](
         u, weight, routed, routed if sigma is None else sigma, partial,
         shape.batch, shape.in_caps, shape.out_caps, shape.out_dim, shape.in_dim,
-        routed_stride, sigma_stride, routed_rows, per_chunk, chunks,
+        routed_stride, sigma_stride, routed_rows, plan.per_chunk, chunks,
         BACKWARD=backward, BLOCK_B=config.block_b, J_PAD=_padded(shape.out_caps),
         D_PAD=_padded(shape.out_dim), DIN_PAD=_padded(shape.in_dim, 16 if use_dot else 1),
         USE_DOT=use_dot, num_warps=config.num_warps,
     )
-    return partial, chunks
+    return partial
 
 
 def _prepare(u: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
@@ -417,23 +449,26 @@ def routing_forward(
     acc = compute_dtype(u.dtype)
     batch, in_caps, in_dim = u.shape
     out_caps, _, out_dim, _ = weight.shape
-    shape = _Shape(batch, in_caps, out_caps, out_dim, in_dim)
     s = u.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)
     v = u.new_empty(batch, out_caps, out_dim)
     if batch == 0:
         return v, s
     u_k, weight_k = _prepare(u, weight)
-    routed = u.new_empty(batch, out_caps, out_dim, dtype=acc)
     bias_k = s if bias is None else bias.contiguous()
-    for t in range(iterations):
-        # routed holds V_{t-1} for every row once t > 0; V_0 = 0 is not stored.
-        routed_rows = batch if t > 0 else 0
-        partial, chunks = _launch_pass(shape, u_k, weight_k, routed, out_caps * out_dim, routed_rows,
-                                       None, 0, acc, backward=False)
-        _forward_reduce_kernel[_reduce_grid(batch)](
-            partial, bias_k, s, routed, v, batch, out_caps, out_dim, iterations, t, chunks, routed_rows,
-            HAS_BIAS=bias is not None, **_reduce_options(out_caps, out_dim),
-        )
+    plan = pass_plan(batch, in_caps, u_k.dtype, _processors(u.device))
+    for start, stop in launch_ranges(batch):
+        rows = stop - start
+        shape = _Shape(rows, in_caps, out_caps, out_dim, in_dim)
+        routed = u.new_empty(rows, out_caps, out_dim, dtype=acc)
+        for t in range(iterations):
+            # routed holds V_{t-1} for every row once t > 0; V_0 = 0 is not stored.
+            routed_rows = rows if t > 0 else 0
+            partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, routed, out_caps * out_dim,
+                                   routed_rows, None, 0, acc, backward=False)
+            _forward_reduce_kernel[_reduce_grid(rows)](
+                partial, bias_k, s[start:stop], routed, v[start:stop], rows, out_caps, out_dim, iterations,
+                t, plan.chunks, routed_rows, HAS_BIAS=bias is not None, **_reduce_options(out_caps, out_dim),
+            )
     return v, s
 
 
@@ -445,7 +480,6 @@ def routing_backward(
     acc = s.dtype
     batch, in_caps, in_dim = u.shape
     out_caps, _, out_dim, _ = weight.shape
-    shape = _Shape(batch, in_caps, out_caps, out_dim, in_dim)
     if batch == 0:
         return torch.empty_like(u), torch.zeros_like(weight), weight.new_zeros(out_caps, out_dim)
     u_k, weight_k = _prepare(u, weight)
@@ -454,27 +488,35 @@ def routing_backward(
     jd = out_caps * out_dim
     routed = u.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)
     sigma = torch.empty_like(routed)
-    carried = u.new_empty(batch, out_caps, out_dim, dtype=acc)
     reduce_options = _reduce_options(out_caps, out_dim)
-    _backward_reduce_kernel[_reduce_grid(batch)](
-        s, s, grad_v_k, carried, routed, sigma, batch, out_caps, out_dim, iterations,
-        iterations - 1, 0, PROLOGUE=True, **reduce_options,
-    )
-    # Phase A: with detach only the last iteration carries gradient and c_r is a constant.
+    # With detach only the last iteration carries gradient and c_r is a constant.
     first_differentiable = iterations - 1 if detach else 0
-    for t in range(iterations - 1, first_differentiable, -1):
-        partial, chunks = _launch_pass(shape, u_k, weight_k, routed[:, t], iterations * jd, batch,
-                                       sigma[:, t], iterations * jd, acc, backward=True)
-        _backward_reduce_kernel[_reduce_grid(batch)](
-            partial, s, grad_v_k, carried, routed, sigma, batch, out_caps, out_dim, iterations,
-            t - 1, chunks, PROLOGUE=False, **reduce_options,
+    plan = pass_plan(batch, in_caps, u_k.dtype, _processors(u.device))
+    for start, stop in launch_ranges(batch):
+        rows = stop - start
+        shape = _Shape(rows, in_caps, out_caps, out_dim, in_dim)
+        # This launch's samples: views into the batch's buffers.
+        s_part, grad_v_part = s[start:stop], grad_v_k[start:stop]
+        routed_part, sigma_part = routed[start:stop], sigma[start:stop]
+        carried = u.new_empty(rows, out_caps, out_dim, dtype=acc)
+        _backward_reduce_kernel[_reduce_grid(rows)](
+            s_part, s_part, grad_v_part, carried, routed_part, sigma_part, rows, out_caps, out_dim, iterations,
+            iterations - 1, 0, PROLOGUE=True, **reduce_options,
         )
-    # Every element is written: program i writes grad u[:, i] and grad W[:, i].
+        # Phase A: the r - 1 reverse passes, each a pass and a reduction giving the next sigma.
+        for t in range(iterations - 1, first_differentiable, -1):
+            partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, routed_part[:, t], iterations * jd,
+                                   rows, sigma_part[:, t], iterations * jd, acc, backward=True)
+            _backward_reduce_kernel[_reduce_grid(rows)](
+                partial, s_part, grad_v_part, carried, routed_part, sigma_part, rows, out_caps, out_dim,
+                iterations, t - 1, plan.chunks, PROLOGUE=False, **reduce_options,
+            )
+    # Phase B. Every element is written: program i writes grad u[:, i] and grad W[:, i].
     grad_u_k, grad_weight_k = torch.empty_like(u_k), torch.empty_like(weight_k)
-    if in_caps > 0:
-        _routing_final_kernel[(in_caps,)](
+    for first, last in launch_ranges(in_caps):
+        _routing_final_kernel[(last - first,)](
             u_k, weight_k, routed, sigma, grad_u_k, grad_weight_k,
-            batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable,
+            batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first,
             DETACH=detach, J_PAD=_padded(out_caps), D_PAD=_padded(out_dim), DIN_PAD=_padded(in_dim),
             num_warps=FINAL_NUM_WARPS,
         )

@@ -109,6 +109,42 @@ def test_capsule_chunks_cover_every_capsule_once():
         assert per_chunk * chunks >= in_caps and per_chunk * (chunks - 1) < max(in_caps, 1)
 
 
+# Sizes past 2^31 samples or capsules (2^33 + 5 samples of one float32 capsule is 34 GB of
+# u alone): the launch arithmetic is checked without allocating, and the splitting itself
+# runs below with a small MAX_LAUNCH_ROWS.
+@pytest.mark.parametrize("count", [1, 2 ** 30, 2 ** 30 + 1, 2 ** 31 - 1, 2 ** 31, 2 ** 33 + 5])
+def test_launches_past_2_31_rows_are_split_within_cuda_grid_limits(count):
+    from fastcaps._routing_triton import MAX_GRID_X, MAX_GRID_Y, MAX_LAUNCH_ROWS, launch_ranges, pass_plan
+
+    ranges = launch_ranges(count)
+    assert ranges[0][0] == 0 and ranges[-1][1] == count
+    assert all(stop == next_start for (_, stop), (next_start, _) in zip(ranges, ranges[1:]))
+    for dtype, processors, in_caps in itertools.product((torch.float32, torch.float64), (1, 132, 2000),
+                                                        (1, 1152, 2 ** 31 + 3)):
+        plan = pass_plan(count, in_caps, dtype, processors)
+        assert plan.per_chunk * plan.chunks >= in_caps
+        for start, stop in ranges:
+            rows = stop - start
+            assert 1 <= rows <= MAX_LAUNCH_ROWS <= MAX_GRID_X  # the reduction and final grids: a program per row
+            blocks, chunks = plan.grid(rows)
+            assert blocks <= MAX_GRID_X and chunks <= MAX_GRID_Y
+            assert blocks * plan.config.block_b < 2 ** 31  # program id x BLOCK_B, taken in int32
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3, 5, 3), (17, 5, 4, 6, 2)], ids=["blocks-of-1", "tl.dot"])
+def test_split_launches_give_the_same_bits(shape, monkeypatch):
+    """Ranges of 2 samples and 2 capsules per launch: every kernel runs several times, on
+    views into the batch, and the results equal one launch's."""
+    from fastcaps import _routing_triton
+
+    inputs = _inputs(shape, seed=3)
+    whole = _forward_backward(*inputs)
+    monkeypatch.setattr(_routing_triton, "MAX_LAUNCH_ROWS", 2)
+    assert len(_routing_triton.launch_ranges(shape[0])) > 2
+    for a, b in zip(whole, _forward_backward(*inputs)):
+        assert torch.equal(a, b)
+
+
 def test_launch_configuration_depends_on_the_shape_only():
     from fastcaps._routing_triton import PASS_CONFIGS, pass_config
 
