@@ -19,7 +19,9 @@
 // first pass computes u_hat into a per-sample buffer (blocks x jd vectors) that later
 // passes read. Backward phase A, per sample: the r - 1 reverse passes giving
 // sigma_t = dL/ds_t. Phase B, parallel over blocks, each walking the batch in order:
-// recomputes u_hat and the couplings and accumulates grad u and grad W.
+// recomputes u_hat and the couplings and accumulates grad u and grad W. At small batches
+// the forward's u_hat buffers are kept for the backward (`kept`), which then reads them
+// instead of recomputing u_hat and takes grad u and grad W from W in its own layout.
 //
 // Determinism: sums over capsules are taken per chunk of kChunkBlocks blocks and the chunk
 // partials added in chunk order, and grad W is summed over the batch in batch order by the
@@ -438,8 +440,11 @@ FASTCAPS_CLONES void sweep_chunk(const Packed<T>& p, const Pass<T>& pass, const 
 //   its cache, reading the shared packed W;
 // - few samples: in groups (kGroupBytes of u_hat buffers), each pass parallel over chunks,
 //   each chunk walking the group's samples with its W packed once.
+// With `kept` (B x blocks x jd vectors; the launcher asks for it at small batches, see
+// fastcaps/_routing_cpu.py) every sample's u_hat lives there instead of in a scratch
+// buffer: the forward leaves it for the backward, whose passes then read it.
 template <typename T, typename PassOf, typename Finish>
-void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const Finish& finish) {
+void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const Finish& finish, Vec<T>* kept) {
   const int64_t per_sample = p.blocks * p.jd, partials_per_sample = p.chunks * p.jd, B = p.d.batch;
   if (steps == 0 || B == 0) return;
   const auto chunk_weight = [&](Scratch<T>& scratch, int64_t chunk) {
@@ -447,21 +452,27 @@ void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const 
   };
   if (p.packed_weight.size() > 0) {
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      LaneArray<T> uh(per_sample);
+      LaneArray<T> uh(kept == nullptr ? per_sample : 0);
       std::vector<T> partials(partials_per_sample);
       Scratch<T> scratch(p);
-      for (int64_t b = begin; b < end; ++b)
+      for (int64_t b = begin; b < end; ++b) {
+        Vec<T>* uh_sample = kept == nullptr ? uh.data() : kept + b * per_sample;
         for (int64_t k = 0; k < steps; ++k) {
-          for (int64_t chunk = 0; chunk < p.chunks; ++chunk)
-            sweep_chunk(p, pass_of(b, k, chunk), chunk_weight(scratch, chunk), uh.data(), scratch,
+          for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
+            const Pass<T> pass = pass_of(b, k, chunk);
+            sweep_chunk(p, pass, pass.predict ? chunk_weight(scratch, chunk) : nullptr, uh_sample, scratch,
                         partials.data() + chunk * p.jd);
+          }
           finish(b, k, partials.data());
         }
+      }
     });
     return;
   }
-  const int64_t group = std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(per_sample * sizeof(Vec<T>), 1), 1, B);
-  LaneArray<T> uh(group * per_sample);
+  const int64_t group = kept != nullptr ? B
+      : std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(per_sample * sizeof(Vec<T>), 1), 1, B);
+  LaneArray<T> scratch_uh(kept == nullptr ? group * per_sample : 0);
+  Vec<T>* uh = kept == nullptr ? scratch_uh.data() : kept;
   std::vector<T> partials(group * partials_per_sample);
   for (int64_t start = 0; start < B; start += group) {
     const int64_t size = std::min(group, B - start);
@@ -471,7 +482,7 @@ void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const 
         for (int64_t chunk = begin; chunk < end; ++chunk) {
           const Vec<T>* weight = pass_of(start, k, chunk).predict ? chunk_weight(scratch, chunk) : nullptr;
           for (int64_t b = 0; b < size; ++b)
-            sweep_chunk(p, pass_of(start + b, k, chunk), weight, uh.data() + b * per_sample, scratch,
+            sweep_chunk(p, pass_of(start + b, k, chunk), weight, uh + b * per_sample, scratch,
                         partials.data() + (b * p.chunks + chunk) * p.jd);
         }
       });
@@ -534,7 +545,7 @@ void squash_backward(const T* s, const T* g, int64_t J, int64_t D, T* sigma) {
 }
 
 template <typename T>
-void forward_kernel(const Packed<T>& p, const T* bias, T* v_out, T* s_out) {
+void forward_kernel(const Packed<T>& p, const T* bias, T* v_out, T* s_out, Vec<T>* kept) {
   const Dims& d = p.d;
   const int64_t jd = p.jd, r = d.iterations;
   std::vector<T> routed(d.batch * jd, T(0));  // V_{t-1} per sample
@@ -550,7 +561,7 @@ void forward_kernel(const Packed<T>& p, const T* bias, T* v_out, T* s_out) {
     squash(s, d.out_caps, d.out_dim, v);
     for (int64_t k = 0; k < jd; ++k) routed[b * jd + k] += v[k];
   };
-  run_passes(p, r, pass_of, finish);
+  run_passes(p, r, pass_of, finish, kept);
 }
 
 // Per-sample routing state the backward needs: V_{t-1} and sigma_t = dL/ds_t, (B, r, jd) each.
@@ -563,39 +574,53 @@ struct BackwardState {
   const T* sigma_at(int64_t b, int64_t t) const { return sigma.data() + (b * iterations + t) * jd; }
 };
 
-// Phase B for one block of capsules, the batch in order: g = dL/du_hat, then
-// grad u = W^T g and grad W += u g^T, written in the caller's layouts.
+// g = dL/du_hat of sample b for one block of capsules (jd vectors), from its u_hat.
 template <typename T>
-FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& state, int64_t blk,
-                                    Scratch<T>& scratch, T* grad_u, T* grad_weight) {
-  const Dims& d = p.d;
-  const int64_t Din = d.in_dim, J = d.out_caps, D = d.out_dim, jd = p.jd;
-  const Vec<T>* w = scratch.packed_weight(p, blk, blk + 1);  // read for every sample of the batch
-  Vec<T>* uh = scratch.row.data();
+FASTCAPS_INLINE void prediction_gradients(const Dims& d, const BackwardState<T>& state, int64_t b, const Vec<T>* uh,
+                                          Scratch<T>& scratch, Vec<T>* g) {
+  const int64_t J = d.out_caps, D = d.out_dim;
   Vec<T>* c = scratch.couplings.data();
   Vec<T>* delta = scratch.logit_grads.data();
+  std::fill(g, g + J * D, Vec<T>{});
+  for (int64_t t = state.first; t < d.iterations; ++t) {
+    const T* routed = state.routed_at(b, t);
+    const T* sigma = state.sigma_at(b, t);
+    couplings<T>(uh, routed, J, D, c);
+    // g += c_j sigma_t + delta_j V_{t-1}: through s_t, and through the logits of iteration t.
+    if (routed != nullptr && !state.detach) {
+      logit_gradients<T>(uh, sigma, c, J, D, delta);
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t dd = 0; dd < D; ++dd) g[j * D + dd] += c[j] * sigma[j * D + dd] + delta[j] * routed[j * D + dd];
+    } else {
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t dd = 0; dd < D; ++dd) g[j * D + dd] += c[j] * sigma[j * D + dd];
+    }
+  }
+}
+
+// Phase B for one block of capsules, the batch in order: g = dL/du_hat (from the kept u_hat
+// if there is one, else recomputed), then grad u = W^T g and grad W += u g^T, written in the
+// caller's layouts.
+template <typename T>
+FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& state, const Vec<T>* kept, int64_t blk,
+                                    Scratch<T>& scratch, T* grad_u, T* grad_weight) {
+  const Dims& d = p.d;
+  const int64_t Din = d.in_dim, jd = p.jd;
+  const Vec<T>* w = scratch.packed_weight(p, blk, blk + 1);  // read for every sample of the batch
+  const Vec<T>* uh;
   Vec<T>* gw = scratch.weight_grad.data();
   Vec<T>* grad_x = scratch.input_grad.data();
   std::fill(gw, gw + Din * jd, Vec<T>{});
   for (int64_t b = 0; b < d.batch; ++b) {
     const Vec<T>* x = p.input_block(b, blk);
     Vec<T>* g = scratch.row_grad.data();
-    predict<T>(x, w, Din, jd, uh);
-    std::fill(g, g + jd, Vec<T>{});
-    for (int64_t t = state.first; t < d.iterations; ++t) {
-      const T* routed = state.routed_at(b, t);
-      const T* sigma = state.sigma_at(b, t);
-      couplings<T>(uh, routed, J, D, c);
-      // g += c_j sigma_t + delta_j V_{t-1}: through s_t, and through the logits of iteration t.
-      if (routed != nullptr && !state.detach) {
-        logit_gradients<T>(uh, sigma, c, J, D, delta);
-        for (int64_t j = 0; j < J; ++j)
-          for (int64_t dd = 0; dd < D; ++dd) g[j * D + dd] += c[j] * sigma[j * D + dd] + delta[j] * routed[j * D + dd];
-      } else {
-        for (int64_t j = 0; j < J; ++j)
-          for (int64_t dd = 0; dd < D; ++dd) g[j * D + dd] += c[j] * sigma[j * D + dd];
-      }
+    if (kept != nullptr) {
+      uh = kept + (b * p.blocks + blk) * jd;
+    } else {
+      uh = scratch.row.data();
+      predict<T>(x, w, Din, jd, scratch.row.data());
     }
+    prediction_gradients(d, state, b, uh, scratch, g);
     // grad u[e] = sum_k w[e, k] * g[k], four partial sums to keep the adds independent.
     for (int64_t e = 0; e < Din; ++e) {
       const Vec<T>* we = w + e * jd;
@@ -617,9 +642,70 @@ FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& 
   unpack_weight_block(d, p.offset.data(), gw, blk, grad_weight);
 }
 
+// Phase B for one block when the forward kept u_hat (small batches): g for every sample
+// from the kept u_hat, turned capsule-major, then per output capsule j and capsule i,
+// straight from W in its own layout:
+//   grad W[j, i] = sum_b g[b, i, j] u[b, i]^T (batch order), grad u[b, i] += W[j, i]^T g[b, i, j].
+// For each j the block's W and grad W are one contiguous run, read and written in order with
+// no transpose: at these batches moving W is most of the call. capsule_grads holds
+// B * kLanes * padded_jd values.
 template <typename T>
-void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach, T* grad_u, T* grad_weight,
-                     T* grad_bias) {
+FASTCAPS_CLONES void gradient_block_from_kept(const Packed<T>& p, const BackwardState<T>& state, const Vec<T>* kept,
+                                              const T* u, int64_t blk, Scratch<T>& scratch, T* capsule_grads,
+                                              T* grad_u, T* grad_weight) {
+  const Dims& d = p.d;
+  const int64_t L = kLanes<T>, I = d.in_caps, Din = d.in_dim, J = d.out_caps, D = d.out_dim, jd = p.jd;
+  const int64_t padded_jd = (jd + L - 1) / L * L, used = std::min(L, I - blk * L);
+  Vec<T>* g = scratch.row_grad.data();
+  Vec<T> tile[kLanes<T>];
+  for (int64_t b = 0; b < d.batch; ++b) {
+    prediction_gradients(d, state, b, kept + (b * p.blocks + blk) * jd, scratch, g);
+    // Lane l of g[k] is capsule l's; a transposed tile gives capsule l kLanes consecutive k.
+    for (int64_t k0 = 0; k0 < jd; k0 += L) {
+      for (int64_t q = 0; q < L; ++q) tile[q] = k0 + q < jd ? g[k0 + q] : Vec<T>{};
+      transpose<T>(tile);
+      for (int64_t l = 0; l < used; ++l) std::memcpy(capsule_grads + (b * L + l) * padded_jd + k0, &tile[l], sizeof(Vec<T>));
+    }
+  }
+  for (int64_t b = 0; b < d.batch; ++b)
+    std::fill(grad_u + (b * I + blk * L) * Din, grad_u + (b * I + blk * L + used) * Din, T(0));
+  // j outermost: the block's capsules of W[j] (and of grad W[j]) are one contiguous run.
+  for (int64_t j = 0; j < J; ++j) {
+    if (j + 1 < J) {  // ask for the next run ahead, as pack_weight_block does
+      const char* next = reinterpret_cast<const char*>(p.weight + ((j + 1) * I + blk * L) * D * Din);
+      for (int64_t byte = 0; byte < used * D * Din * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(next + byte);
+    }
+    for (int64_t l = 0; l < used; ++l) {
+      const int64_t i = blk * L + l;
+      const T* w = p.weight + (j * I + i) * D * Din;
+      T* gw = grad_weight + (j * I + i) * D * Din;
+      for (int64_t b = 0; b < d.batch; ++b) {
+        const T* g_bij = capsule_grads + (b * L + l) * padded_jd + j * D;
+        const T* x = u + (b * I + i) * Din;
+        T* gu = grad_u + (b * I + i) * Din;
+        for (int64_t dd = 0; dd < D; ++dd) {
+          const T gd = g_bij[dd];
+          const T* wd = w + dd * Din;
+          T* gwd = gw + dd * Din;
+          for (int64_t e = 0; e < Din; ++e) gu[e] += gd * wd[e];
+          if (b == 0)
+            for (int64_t e = 0; e < Din; ++e) gwd[e] = gd * x[e];
+          else
+            for (int64_t e = 0; e < Din; ++e) gwd[e] += gd * x[e];
+        }
+      }
+    }
+  }
+}
+
+// Up to this many samples phase B reads W in its own layout (gradient_block_from_kept);
+// beyond, packing each block of W once for the batch costs less than its per-sample loops.
+// (Measured with the kept u_hat, alternating in one process: faster at B = 1 only.)
+constexpr int64_t kNativeGradientSamples = 1;
+
+template <typename T>
+void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach, const Vec<T>* kept,
+                     const T* u, T* grad_u, T* grad_weight, T* grad_bias) {
   const Dims& d = p.d;
   const int64_t B = d.batch, J = d.out_caps, D = d.out_dim, jd = p.jd, r = d.iterations;
   BackwardState<T> state{r, jd, detach ? r - 1 : 0, detach, std::vector<T>(B * r * jd, T(0)),
@@ -646,7 +732,7 @@ void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool d
   std::vector<T> grad_routed(B * jd, T(0));
   auto pass_of = [&](int64_t b, int64_t k, int64_t chunk) {
     const int64_t t = r - 1 - k;
-    return Pass<T>{b, chunk, k == 0, state.routed_at(b, t), state.sigma_at(b, t)};
+    return Pass<T>{b, chunk, k == 0 && kept == nullptr, state.routed_at(b, t), state.sigma_at(b, t)};
   };
   auto finish = [&](int64_t b, int64_t k, const T* partials) {
     const int64_t t = r - 1 - k;
@@ -656,7 +742,8 @@ void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool d
     for (int64_t q = 0; q < jd; ++q) total[q] += grad_routed_t[q];
     squash_backward(s_at(b, t - 1), total, J, D, state.sigma.data() + (b * r + t - 1) * jd);
   };
-  run_passes(p, detach ? 0 : r - 1, pass_of, finish);
+  // Reads the kept u_hat when there is one (run_passes writes only where it predicts).
+  run_passes(p, detach ? 0 : r - 1, pass_of, finish, const_cast<Vec<T>*>(kept));
 
   // grad bias: every sigma_t that carries gradient, summed in a fixed order.
   std::fill(grad_bias, grad_bias + jd, T(0));
@@ -667,7 +754,13 @@ void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool d
   // Phase B: each block owned by one thread, so grad W is summed over the batch in order.
   at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> scratch(p);
-    for (int64_t blk = begin; blk < end; ++blk) gradient_block(p, state, blk, scratch, grad_u, grad_weight);
+    if (kept == nullptr || B > kNativeGradientSamples) {
+      for (int64_t blk = begin; blk < end; ++blk) gradient_block(p, state, kept, blk, scratch, grad_u, grad_weight);
+      return;
+    }
+    std::vector<T> capsule_grads(B * kLanes<T> * ((jd + kLanes<T> - 1) / kLanes<T> * kLanes<T>));
+    for (int64_t blk = begin; blk < end; ++blk)
+      gradient_block_from_kept(p, state, kept, u, blk, scratch, capsule_grads.data(), grad_u, grad_weight);
   });
 }
 
@@ -683,8 +776,23 @@ Dims dims_of(const at::Tensor& u, const at::Tensor& weight, int64_t iterations) 
   return Dims{u.size(0), u.size(1), u.size(2), weight.size(0), weight.size(2), iterations};
 }
 
+// The forward's u_hat kept for the backward in `predictions` (B x blocks x jd vectors), or
+// null when the launcher passed an empty tensor (fastcaps/_routing_cpu.py decides which).
+template <typename T>
+Vec<T>* kept_predictions(const at::Tensor& predictions, const Dims& d) {
+  if (predictions.numel() == 0) return nullptr;
+  TORCH_CHECK(predictions.numel() == d.batch * d.blocks<T>() * d.jd() * kLanes<T> && predictions.is_contiguous() &&
+                  predictions.scalar_type() == c10::CppTypeToScalarType<T>::value,
+              "routing_cpu: predictions must be empty or hold batch * ceil(in_caps / ", kLanes<T>, ") * ", kLanes<T>,
+              " * out_caps * out_dim contiguous values of u's dtype, got ", predictions.numel());
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(predictions.data_ptr()) % 64 == 0,
+              "routing_cpu: predictions must be 64-byte aligned");
+  return static_cast<Vec<T>*>(predictions.data_ptr());
+}
+
 std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, const at::Tensor& weight,
-                                                       const at::Tensor& bias, int64_t iterations) {
+                                                       const at::Tensor& bias, int64_t iterations,
+                                                       const at::Tensor& predictions) {
   const Dims d = dims_of(u, weight, iterations);
   TORCH_CHECK(bias.numel() == 0 || (bias.numel() == d.jd() && bias.is_contiguous() && bias.scalar_type() == u.scalar_type()),
               "routing_cpu: bias must be empty or a contiguous (out_caps, out_dim) tensor of u's dtype");
@@ -694,14 +802,16 @@ std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, cons
     const Packed<scalar_t> p =
         pack(d, u.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), samples_in_parallel(d.batch));
     forward_kernel<scalar_t>(p, bias.numel() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                             v.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>());
+                             v.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>(),
+                             kept_predictions<scalar_t>(predictions, d));
   });
   return {v, s};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Tensor& grad_v, const at::Tensor& u,
                                                                     const at::Tensor& weight, const at::Tensor& s,
-                                                                    int64_t iterations, bool detach) {
+                                                                    const at::Tensor& predictions, int64_t iterations,
+                                                                    bool detach) {
   const Dims d = dims_of(u, weight, iterations);
   TORCH_INTERNAL_ASSERT(grad_v.is_contiguous() && s.is_contiguous());
   TORCH_CHECK(grad_v.numel() == d.batch * d.jd() && s.numel() == d.batch * d.iterations * d.jd(),
@@ -710,13 +820,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Te
   at::Tensor grad_weight = at::empty_like(weight);
   at::Tensor grad_bias = at::empty({d.out_caps, d.out_dim}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "routing_cpu_backward", [&] {
+    const Vec<scalar_t>* kept = kept_predictions<scalar_t>(predictions, d);
     // A shared packed W pays only for phase A's passes over many samples; without it,
-    // phase B packs each block into its scratch (Scratch::packed_weight).
+    // phase B packs each block into its scratch (Scratch::packed_weight). With the
+    // forward's u_hat kept, neither phase packs W.
     const Packed<scalar_t> p = pack(d, u.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-                                    !detach && iterations > 1 && samples_in_parallel(d.batch));
-    backward_kernel<scalar_t>(p, grad_v.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), detach,
-                              grad_u.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
-                              grad_bias.mutable_data_ptr<scalar_t>());
+                                    kept == nullptr && !detach && iterations > 1 && samples_in_parallel(d.batch));
+    backward_kernel<scalar_t>(p, grad_v.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), detach, kept,
+                              u.const_data_ptr<scalar_t>(), grad_u.mutable_data_ptr<scalar_t>(),
+                              grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
   });
   return {grad_u, grad_weight, grad_bias};
 }

@@ -16,7 +16,7 @@ REBUILD = "pip install --no-build-isolation -e .  (in the fastcaps source tree)"
 
 def _load() -> Optional[str]:
     """Import fastcaps._C; return None if it works, else what is wrong with it."""
-    from . import _routing_cpu  # noqa: F401  (defines the schemas the C++ kernels implement)
+    from . import _routing_cpu
 
     try:
         from . import _C  # noqa: F401  (registers the C++ kernels)
@@ -27,6 +27,13 @@ def _load() -> Optional[str]:
     running = torch.__version__.split("+")[0]
     if built != running:
         return f"the C++ extension fastcaps._C was built against torch {built}, but torch {running} is running"
+    try:
+        _routing_cpu.define_schemas()
+    except RuntimeError as error:
+        # torch's message names the operator and the difference on lines of their own.
+        lines = [line.strip() for line in str(error).splitlines()]
+        reason = "; ".join(line for line in lines if line.startswith(("operator:", "reason:"))) or lines[0]
+        return f"the C++ extension fastcaps._C is stale: its kernels do not match this fastcaps's schemas ({reason})"
     for op in _CPU_KERNELS:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"):
             # An extension built from older fastcaps sources loads but lacks this kernel.

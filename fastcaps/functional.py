@@ -41,7 +41,7 @@ def dynamic_routing(
     backend = resolve_backend(backend, u.device)
     if backend == "reference":
         return reference.route(u, weight, bias, iterations, detach)
-    v, _ = ops.routing(u, weight, bias, iterations, detach, backend)
+    v, _, _ = ops.routing(u, weight, bias, iterations, detach, backend)
     return v
 
 

@@ -26,7 +26,7 @@ def _off_by_a_little(u, weight, bias, iterations, detach):
 
 
 def test_a_wrong_kernel_fails_the_check_and_the_exit_code(monkeypatch, capsys):
-    monkeypatch.setitem(ops.KERNELS, "torch", ops.Kernels(_off_by_a_little, _routing_torch.routing_backward))
+    monkeypatch.setitem(ops.KERNELS, "torch", ops.recomputing_kernels(_off_by_a_little, _routing_torch.routing_backward))
     row = check.check_case("torch", check.Case(2, 7, 3, 5, 3, 2, False, True), torch.float32)
     assert not row.passed and row.error_v > 1e-4
     assert cli.main(["check", "--backend", "torch", "--dtype", "float32"]) == 1
@@ -38,6 +38,6 @@ def test_a_wrong_gradient_is_caught_by_the_finite_difference_too(monkeypatch):
         grad_u, grad_weight, grad_bias = _routing_torch.routing_backward(*args)
         return grad_u, grad_weight * 1.01, grad_bias
 
-    monkeypatch.setitem(ops.KERNELS, "torch", ops.Kernels(_routing_torch.routing_forward, wrong_backward))
+    monkeypatch.setitem(ops.KERNELS, "torch", ops.recomputing_kernels(_routing_torch.routing_forward, wrong_backward))
     row = check.check_case("torch", check.Case(2, 7, 3, 5, 3, 3, False, False), torch.float64)
     assert not row.passed and row.error_fd > check.FD_TOLERANCE

@@ -18,13 +18,14 @@ pytestmark = pytest.mark.skipif(
 
 # Batch 5 runs one sample per thread with 1 thread and splits samples over capsule chunks
 # with 2 (csrc/routing_cpu.cpp, samples_in_parallel); batch 13 runs one sample per thread
-# with both. Either way the bits must not change.
+# with both; batches 1 and 4 keep the forward's u_hat for the backward (1 also takes grad W
+# from W's own layout). Either way the bits must not change.
 _PROGRAM = textwrap.dedent("""
     import sys, torch, fastcaps
     torch.set_num_threads(int(sys.argv[1]))
     g = torch.Generator().manual_seed(0)
     outputs = []
-    for batch in (5, 13):
+    for batch in (1, 4, 5, 13):
         u = fastcaps.squash(torch.randn(batch, 301, 8, generator=g)).requires_grad_()
         w = (torch.randn(7, 301, 11, 8, generator=g) * 0.3).requires_grad_()
         b = (torch.randn(7, 11, generator=g) * 0.3).requires_grad_()
@@ -87,3 +88,33 @@ def test_avx2_clone_matches_the_reference():
     # The CPU valgrind shows has no AVX-512 (torch reads the same CPUID as the loader), so
     # what passed was not the AVX-512 clone.
     assert "clone ok AVX2" in completed.stdout, completed.stdout
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kept_predictions_give_the_recomputing_backward(dtype, detach, batch):
+    """Small batches keep the forward's u_hat; the backward then reads it instead of
+    recomputing u_hat, and at B = 1 takes grad u and grad W from W in its own layout. Same
+    gradients as the recomputing backward, up to the order of the sums."""
+    from fastcaps import _routing_cpu
+
+    g = torch.Generator().manual_seed(1)
+    u = fastcaps.squash(torch.randn(batch, 37, 5, generator=g, dtype=dtype))
+    weight = torch.randn(4, 37, 6, 5, generator=g, dtype=dtype) * 0.3
+    bias = torch.randn(4, 6, generator=g, dtype=dtype) * 0.3
+    v, s, predictions = _routing_cpu.routing_forward(u, weight, bias, 3, detach)
+    lanes = 64 // dtype.itemsize
+    assert predictions.numel() == batch * -(-37 // lanes) * lanes * 4 * 6
+    grad_v = torch.randn(v.shape, generator=g, dtype=dtype)
+    kept = _routing_cpu.routing_backward(grad_v, u, weight, bias, s, predictions, 3, detach)
+    recomputed = _routing_cpu.routing_backward(grad_v, u, weight, bias, s, predictions[:0], 3, detach)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-13
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
+def test_predictions_of_the_wrong_size_are_refused():
+    u, weight = torch.randn(2, 5, 3), torch.randn(4, 5, 6, 3)
+    with pytest.raises(RuntimeError, match="predictions must be empty or hold batch"):
+        torch.ops.fastcaps.routing_cpu_forward(u, weight, torch.empty(0), 3, torch.empty(7))

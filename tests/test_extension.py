@@ -40,6 +40,33 @@ def _run(prelude: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
 
 
+# Builds and loads, in the child, a library standing in for fastcaps._C built from older
+# sources: the same _built_with_torch, a forward kernel with the old signature.
+_STALE_SOURCES_PRELUDE = '''
+import os, sys, tempfile, types
+import torch
+from torch.utils import cpp_extension
+source = """
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+#include <torch/version.h>
+#include <string>
+#include <tuple>
+std::string built_with_torch() { return TORCH_VERSION; }
+std::tuple<at::Tensor, at::Tensor> old_forward(const at::Tensor& u, const at::Tensor& weight, const at::Tensor& bias,
+                                               int64_t iterations) { return {u, u}; }
+TORCH_LIBRARY_FRAGMENT(fastcaps, m) { m.def("_built_with_torch() -> str", &built_with_torch); }
+TORCH_LIBRARY_IMPL(fastcaps, CPU, m) { m.impl("routing_cpu_forward", &old_forward); }
+"""
+build = tempfile.mkdtemp()
+with open(os.path.join(build, "stale.cpp"), "w") as handle:
+    handle.write(source)
+cpp_extension.load("fastcaps_stale", [os.path.join(build, "stale.cpp")], build_directory=build,
+                   is_python_module=False, verbose=False)
+sys.modules["fastcaps._C"] = types.ModuleType("fastcaps._C")  # loaded above
+'''
+
+
 @pytest.mark.parametrize(
     "prelude, expected",
     [
@@ -49,8 +76,13 @@ def _run(prelude: str) -> subprocess.CompletedProcess:
         # A stale build: compiled against another torch than the one running.
         ("import torch; torch.__version__ = '9.9.9'\n",
          ["built against torch", "torch 9.9.9 is running", "pip install --no-build-isolation"]),
+        # A stale build: compiled from older fastcaps sources whose forward kernel took four
+        # arguments. Without the check it aborts the process while the library loads.
+        (_STALE_SOURCES_PRELUDE,
+         ["is stale: its kernels do not match", "operator: fastcaps::routing_cpu_forward",
+          "The number of arguments is different", "pip install --no-build-isolation"]),
     ],
-    ids=["missing", "stale"],
+    ids=["missing", "stale-torch", "stale-sources"],
 )
 def test_unusable_extension_warns_once_and_routing_works(prelude, expected):
     result = _run(prelude)

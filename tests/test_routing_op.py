@@ -53,21 +53,27 @@ def test_opcheck_routing_and_backward(with_bias, dtype, backend):
     u, weight, bias = _small_inputs(dtype=dtype, bias=with_bias)
     torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, backend))
     torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 2, True, backend))
-    v, s = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
+    v, s, predictions = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
     grad_v = torch.randn_like(v)
     torch.library.opcheck(
         torch.ops.fastcaps.routing_backward.default,
-        (grad_v, u.detach(), weight.detach(), None if bias is None else bias.detach(), s, 3, False, backend),
+        (grad_v, u.detach(), weight.detach(), None if bias is None else bias.detach(), s, predictions, 3, False,
+         backend),
     )
 
 
+@pytest.mark.parametrize("batch", [3, 5])
 @pytest.mark.parametrize("backend", KERNELS)
-def test_saved_state_is_only_s_per_iteration(backend):
-    u, weight, bias = _small_inputs()
-    v, s = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
-    assert s.shape == (3, 3, 4, 3) and not s.requires_grad
+def test_saved_state_is_s_per_iteration_and_small_batches_u_hat(backend, batch):
+    u, weight, bias = _small_inputs(batch=batch, in_caps=21)
+    v, s, predictions = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
+    assert s.shape == (batch, 3, 4, 3) and not s.requires_grad and not predictions.requires_grad
     # s[:, t] is the pre-squash sum of iteration t: the last one squashes to v.
     torch.testing.assert_close(fastcaps.squash(s[:, -1]), v)
+    # Only the C++ kernels keep u_hat, and only up to 4 samples: (B, 3 blocks of 8 float64
+    # capsules, J * D) vectors of 8 lanes.
+    kept = backend == "cpu" and batch <= 4
+    assert predictions.shape == ((batch * 3 * 4 * 3 * 8,) if kept else (0,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -127,6 +133,7 @@ def test_fake_tensors_give_shapes_and_dtypes():
     with FakeTensorMode():
         u = torch.empty(6, 11, 4, dtype=torch.float16)
         weight = torch.empty(3, 11, 7, 4, dtype=torch.float16)
-        v, s = torch.ops.fastcaps.routing(u, weight, None, 2, False, "torch")
+        v, s, predictions = torch.ops.fastcaps.routing(u, weight, None, 2, False, "torch")
+        assert predictions.shape == (0,)
         assert v.shape == (6, 3, 7) and v.dtype == torch.float16
         assert s.shape == (6, 2, 3, 7) and s.dtype == torch.float32

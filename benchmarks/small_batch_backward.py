@@ -1,0 +1,62 @@
+"""The C++ backward at small batches with and without the forward's kept u_hat.
+
+    python benchmarks/small_batch_backward.py [--batch 1 --batch 4] [--rounds 200]
+
+Both backwards run on the same forward's outputs, in alternating order, each call right
+after a forward+backward of torch.compile(reference) on its own inputs, as `fastcaps bench`
+interleaves providers: W then comes from wherever the other work left it. A ratio is taken
+per round (recomputing / kept); the script prints medians and the quartiles of the ratios.
+MNIST DigitCaps shape, float32, r = 3, the steady-state allocator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from fastcaps import _routing_cpu, bench
+
+
+def measure(batch: int, rounds: int) -> str:
+    point = bench.Point("mnist", bench.CASES["mnist"], batch, 3, "forward+backward", "reference-compiled")
+    compiled = bench.make_runner(point)
+    u, weight = bench.make_inputs(point, seed=1)
+    v, s, predictions = _routing_cpu.routing_forward(u, weight, None, 3, False)
+    assert predictions.numel() > 0, "this batch keeps no u_hat"
+    grad_v = torch.ones_like(v)
+    variants = {
+        "kept": lambda: _routing_cpu.routing_backward(grad_v, u, weight, None, s, predictions, 3, False),
+        "recomputing": lambda: _routing_cpu.routing_backward(grad_v, u, weight, None, s, predictions[:0], 3, False),
+    }
+    seconds = {name: [] for name in variants}
+    for round_ in range(rounds + 5):
+        order = list(variants) if round_ % 2 else list(reversed(variants))
+        for name in order:
+            compiled.run()
+            started = time.perf_counter()
+            variants[name]()
+            if round_ >= 5:  # warm-up rounds are not kept
+                seconds[name].append(time.perf_counter() - started)
+    ratios = [r / k for r, k in zip(seconds["recomputing"], seconds["kept"])]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return (f"B={batch}: backward kept {statistics.median(seconds['kept']) * 1e3:.3f} ms, "
+            f"recomputing {statistics.median(seconds['recomputing']) * 1e3:.3f} ms; "
+            f"recomputing / kept median {statistics.median(ratios):.2f}x [{q1:.2f}, {q3:.2f}] over {rounds} rounds")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, action="append")
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args()
+    bench.steady_state_allocator()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for batch in args.batch or [1, 4]:
+        print(measure(batch, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
