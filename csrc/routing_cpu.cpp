@@ -285,16 +285,24 @@ FASTCAPS_CLONES void pack_input_block(const Dims& d, const T* u, int64_t b, int6
   }
 }
 
+// dst[l * stride + c] = packed[c][l] for c < n and l < used: n lane-layout vectors back to
+// one row per capsule.
+template <typename T>
+FASTCAPS_INLINE void unpack_lanes(const Vec<T>* packed, int64_t n, int64_t used, T* dst, int64_t stride) {
+  const int64_t L = kLanes<T>;
+  Vec<T> tile[kLanes<T>];
+  for (int64_t c0 = 0; c0 < n; c0 += L) {
+    const int64_t columns = std::min(L, n - c0);
+    for (int64_t q = 0; q < L; ++q) tile[q] = q < columns ? packed[c0 + q] : Vec<T>{};
+    transpose<T>(tile);
+    store_tile(tile, used, columns, dst + c0, stride);
+  }
+}
+
 template <typename T>
 FASTCAPS_INLINE void unpack_input_block(const Dims& d, const Vec<T>* packed, int64_t b, int64_t blk, T* u) {
-  const int64_t L = kLanes<T>, used = std::min(L, d.in_caps - blk * L);
-  Vec<T> tile[kLanes<T>];
-  for (int64_t c0 = 0; c0 < d.in_dim; c0 += L) {
-    const int64_t n = std::min(L, d.in_dim - c0);
-    for (int64_t q = 0; q < L; ++q) tile[q] = q < n ? packed[c0 + q] : Vec<T>{};
-    transpose<T>(tile);
-    store_tile(tile, used, n, u + (b * d.in_caps + blk * L) * d.in_dim + c0, d.in_dim);
-  }
+  const int64_t L = kLanes<T>;
+  unpack_lanes(packed, d.in_dim, std::min(L, d.in_caps - blk * L), u + (b * d.in_caps + blk * L) * d.in_dim, d.in_dim);
 }
 
 template <typename T>
@@ -617,8 +625,8 @@ FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& 
     if (kept != nullptr) {
       uh = kept + (b * p.blocks + blk) * jd;
     } else {
-      uh = scratch.row.data();
       predict<T>(x, w, Din, jd, scratch.row.data());
+      uh = scratch.row.data();
     }
     prediction_gradients(d, state, b, uh, scratch, g);
     // grad u[e] = sum_k w[e, k] * g[k], four partial sums to keep the adds independent.
@@ -648,24 +656,18 @@ FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& 
 //   grad W[j, i] = sum_b g[b, i, j] u[b, i]^T (batch order), grad u[b, i] += W[j, i]^T g[b, i, j].
 // For each j the block's W and grad W are one contiguous run, read and written in order with
 // no transpose: at these batches moving W is most of the call. capsule_grads holds
-// B * kLanes * padded_jd values.
+// B * kLanes * jd values.
 template <typename T>
 FASTCAPS_CLONES void gradient_block_from_kept(const Packed<T>& p, const BackwardState<T>& state, const Vec<T>* kept,
                                               const T* u, int64_t blk, Scratch<T>& scratch, T* capsule_grads,
                                               T* grad_u, T* grad_weight) {
   const Dims& d = p.d;
   const int64_t L = kLanes<T>, I = d.in_caps, Din = d.in_dim, J = d.out_caps, D = d.out_dim, jd = p.jd;
-  const int64_t padded_jd = (jd + L - 1) / L * L, used = std::min(L, I - blk * L);
+  const int64_t used = std::min(L, I - blk * L);
   Vec<T>* g = scratch.row_grad.data();
-  Vec<T> tile[kLanes<T>];
   for (int64_t b = 0; b < d.batch; ++b) {
     prediction_gradients(d, state, b, kept + (b * p.blocks + blk) * jd, scratch, g);
-    // Lane l of g[k] is capsule l's; a transposed tile gives capsule l kLanes consecutive k.
-    for (int64_t k0 = 0; k0 < jd; k0 += L) {
-      for (int64_t q = 0; q < L; ++q) tile[q] = k0 + q < jd ? g[k0 + q] : Vec<T>{};
-      transpose<T>(tile);
-      for (int64_t l = 0; l < used; ++l) std::memcpy(capsule_grads + (b * L + l) * padded_jd + k0, &tile[l], sizeof(Vec<T>));
-    }
+    unpack_lanes(g, jd, used, capsule_grads + b * L * jd, jd);  // capsule l's g at row b * L + l
   }
   for (int64_t b = 0; b < d.batch; ++b)
     std::fill(grad_u + (b * I + blk * L) * Din, grad_u + (b * I + blk * L + used) * Din, T(0));
@@ -680,7 +682,7 @@ FASTCAPS_CLONES void gradient_block_from_kept(const Packed<T>& p, const Backward
       const T* w = p.weight + (j * I + i) * D * Din;
       T* gw = grad_weight + (j * I + i) * D * Din;
       for (int64_t b = 0; b < d.batch; ++b) {
-        const T* g_bij = capsule_grads + (b * L + l) * padded_jd + j * D;
+        const T* g_bij = capsule_grads + (b * L + l) * jd + j * D;
         const T* x = u + (b * I + i) * Din;
         T* gu = grad_u + (b * I + i) * Din;
         for (int64_t dd = 0; dd < D; ++dd) {
@@ -758,7 +760,7 @@ void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool d
       for (int64_t blk = begin; blk < end; ++blk) gradient_block(p, state, kept, blk, scratch, grad_u, grad_weight);
       return;
     }
-    std::vector<T> capsule_grads(B * kLanes<T> * ((jd + kLanes<T> - 1) / kLanes<T> * kLanes<T>));
+    std::vector<T> capsule_grads(B * kLanes<T> * jd);
     for (int64_t blk = begin; blk < end; ++blk)
       gradient_block_from_kept(p, state, kept, u, blk, scratch, capsule_grads.data(), grad_u, grad_weight);
   });
@@ -823,7 +825,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Te
     const Vec<scalar_t>* kept = kept_predictions<scalar_t>(predictions, d);
     // A shared packed W pays only for phase A's passes over many samples; without it,
     // phase B packs each block into its scratch (Scratch::packed_weight). With the
-    // forward's u_hat kept, neither phase packs W.
+    // forward's u_hat kept, phase A never reads W, and at B = 1 phase B reads it unpacked.
     const Packed<scalar_t> p = pack(d, u.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
                                     kept == nullptr && !detach && iterations > 1 && samples_in_parallel(d.batch));
     backward_kernel<scalar_t>(p, grad_v.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), detach, kept,

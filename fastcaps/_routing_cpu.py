@@ -7,8 +7,9 @@ half inputs are computed in float32. The launcher returns tensors in the layouts
 
 Small batches keep the forward's u_hat for the backward (``predictions_numel``): there
 the call's cost is moving W (5.9 MB at the MNIST shape, against 0.7 MB of u_hat per
-sample), and with u_hat at hand the backward reads W once, in order, instead of packing it
-twice. Larger batches keep nothing and recompute u_hat, as DESIGN.md section 3 says.
+sample). With u_hat at hand the backward packs W at most once instead of twice, and at
+B = 1 reads it once in its own layout. Larger batches keep nothing and recompute u_hat, as
+DESIGN.md section 3 says.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def define_schemas() -> None:
     mismatch is found while the library loads, where it aborts the process."""
     for schema in SCHEMAS:
         _LIBRARY.define(schema)
+
 
 # Batches of at most this many samples keep u_hat: up to 2.9 MB at the MNIST shape, half of W.
 KEEP_PREDICTIONS_SAMPLES = 4
