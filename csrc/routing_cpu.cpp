@@ -13,7 +13,8 @@
 // is then jd = J*D vectors, and the logits, softmax, coupling gradients and sums over
 // capsules are all lane-wise arithmetic: no horizontal sums in the inner loops, for any J
 // and D. u is repacked to this layout once per call (pack); W once per call when samples
-// run in parallel, else per chunk or block where it is used (pack_weight_block).
+// run in parallel, else per chunk or block where it is used (pack_weight_block), except
+// where it serves one sample: then u_hat is taken from W's rows (predict_from_rows).
 //
 // Forward: r passes per sample, each a sweep over the blocks that sums c_ij * u_hat_ij; the
 // first pass computes u_hat into a per-sample buffer (blocks x jd vectors) that later
@@ -168,6 +169,7 @@ struct Packed {
   int64_t jd, blocks, chunks;
   const T* weight;              // (J, I, D, Din); packed per block: [e, j*D + d][l] = W[j, blk*L + l, d, e]
   std::vector<int64_t> offset;  // see packed_offsets
+  std::vector<int64_t> row_outputs;  // see row_lane_outputs; empty where u_hat is never predicted from rows
   LaneArray<T> packed_weight;   // (blocks, Din, jd), or empty
   LaneArray<T> inputs;          // (B, blocks, Din): inputs[b, blk, e][l] = u[b, blk*L + l, e]
 
@@ -305,10 +307,157 @@ FASTCAPS_INLINE void unpack_input_block(const Dims& d, const Vec<T>* packed, int
   unpack_lanes(packed, d.in_dim, std::min(L, d.in_caps - blk * L), u + (b * d.in_caps + blk * L) * d.in_dim, d.in_dim);
 }
 
+// --- u_hat from W's rows -------------------------------------------------------------------
+// For a W that serves one sample (B = 1), packing it costs more than everything else in the
+// call. Instead each row W[j, i] (D x Din, contiguous) is read in order as vectors,
+// multiplied lane-wise by u[i] repeated, and the sums over each d's Din consecutive values
+// are taken by a butterfly over the vectors (reduce_segments): the vector for capsule i
+// then holds u_hat[i, j, d] for kLanes values of d, and a transpose over the block's
+// capsules puts them in the lane layout. The butterfly needs Din to be a power of two of at
+// most kLanes (predicts_from_rows); other shapes pack W.
+
+template <typename T>
+bool predicts_from_rows(const Dims& d) {
+  return d.in_dim >= 1 && d.in_dim <= kLanes<T> && (d.in_dim & (d.in_dim - 1)) == 0;
+}
+
+// Shuffle indices of one butterfly stage on segments of g lanes: lane o of the result takes,
+// from segment o / g of the first (o % g < g/2) or second vector, its first (half = false)
+// or second half's lane o % (g/2). The two shuffles added give both vectors' half-sums.
+template <typename T, int64_t g, bool second_half, std::size_t... lane>
+constexpr typename Simd<T>::ivec halving_indices(std::index_sequence<lane...>) {
+  using Index = typename Simd<T>::integer;
+  constexpr int64_t L = kLanes<T>, h = g / 2;
+  constexpr auto source = [](int64_t o) {
+    return (o % g < h ? 0 : L) + (o / g) * g + o % h + (second_half ? h : 0);
+  };
+  return typename Simd<T>::ivec{static_cast<Index>(source(static_cast<int64_t>(lane)))...};
+}
+
+// v[0..g) hold segments of g lanes; returns one vector of every segment's sum (which lane
+// holds which segment: row_lane_outputs). Each stage halves both the segment length and the
+// number of vectors.
+template <typename T, int64_t g>
+FASTCAPS_INLINE Vec<T> reduce_segments(Vec<T>* v) {
+  if constexpr (g == 1) {
+    return v[0];
+  } else {
+    constexpr auto lanes = std::make_index_sequence<kLanes<T>>{};
+    constexpr typename Simd<T>::ivec first = halving_indices<T, g, false>(lanes);
+    constexpr typename Simd<T>::ivec second = halving_indices<T, g, true>(lanes);
+    for (int64_t k = 0; k < g / 2; ++k)
+      v[k] = __builtin_shuffle(v[k], v[k + g / 2], first) + __builtin_shuffle(v[k], v[k + g / 2], second);
+    return reduce_segments<T, g / 2>(v);
+  }
+}
+
+// Vectors of one row W[j, i] (D * Din values, the last one zero-padded), and the reduced
+// vectors they give: g = Din of them each.
+inline int64_t row_vectors(const Dims& d, int64_t lanes) { return (d.out_dim * d.in_dim + lanes - 1) / lanes; }
+inline int64_t reduced_vectors(const Dims& d, int64_t lanes) { return (row_vectors(d, lanes) + d.in_dim - 1) / d.in_dim; }
+
+// Row vector k of W[j, i] (its values [k * L, k * L + L), zero past the row's end).
+template <typename T>
+FASTCAPS_INLINE Vec<T> load_row_vector(const T* row, int64_t length, int64_t k) {
+  const int64_t start = k * kLanes<T>;
+  Vec<T> out = {};
+  if (start + kLanes<T> <= length)
+    std::memcpy(&out, row + start, sizeof(Vec<T>));
+  else if (start < length)
+    std::memcpy(&out, row + start, (length - start) * sizeof(T));
+  return out;
+}
+
+// The d whose sum lane q of reduced vector f holds, at [f * L + q], or -1 for padding: found
+// by running the butterfly on a row that holds d + 1 at e = 0 and zeros elsewhere.
+template <typename T, int64_t g>
+std::vector<int64_t> butterfly_lane_outputs(const Dims& d) {
+  const int64_t L = kLanes<T>, length = d.out_dim * d.in_dim, reduced = reduced_vectors(d, L);
+  std::vector<T> row(length, T(0));
+  for (int64_t dd = 0; dd < d.out_dim; ++dd) row[dd * d.in_dim] = T(dd + 1);
+  std::vector<int64_t> out(reduced * L);
+  Vec<T> v[g];
+  for (int64_t f = 0; f < reduced; ++f) {
+    for (int64_t k = 0; k < g; ++k) v[k] = load_row_vector(row.data(), length, f * g + k);
+    const Vec<T> sums = reduce_segments<T, g>(v);
+    for (int64_t q = 0; q < L; ++q) out[f * L + q] = static_cast<int64_t>(sums[q]) - 1;
+  }
+  // Every d in exactly one lane: predict_rows writes u_hat by this table.
+  std::vector<int64_t> found(d.out_dim, 0);
+  for (const int64_t dd : out) {
+    TORCH_INTERNAL_ASSERT(dd >= -1 && dd < d.out_dim, "routing_cpu: butterfly lane of output ", dd);
+    if (dd >= 0) ++found[dd];
+  }
+  TORCH_INTERNAL_ASSERT(std::all_of(found.begin(), found.end(), [](int64_t n) { return n == 1; }));
+  return out;
+}
+
+template <int64_t g>
+using SegmentLength = std::integral_constant<int64_t, g>;
+
+// Calls f(SegmentLength<Din>{}): g = Din as a compile-time constant (predicts_from_rows).
+template <typename T, typename F>
+FASTCAPS_INLINE auto with_segment_length(int64_t in_dim, const F& f) {
+  switch (in_dim) {
+    case 1: return f(SegmentLength<1>{});
+    case 2: return f(SegmentLength<2>{});
+    case 4: return f(SegmentLength<4>{});
+    case 8: return f(SegmentLength<8>{});
+    default:
+      TORCH_INTERNAL_ASSERT(in_dim == 16 && kLanes<T> >= 16, "routing_cpu: no row prediction for in_dim ", in_dim);
+      return f(SegmentLength<std::min<int64_t>(16, kLanes<T>)>{});
+  }
+}
+
+template <typename T>
+std::vector<int64_t> row_lane_outputs(const Dims& d) {
+  if (!predicts_from_rows<T>(d)) return {};
+  return with_segment_length<T>(d.in_dim, [&](auto g) { return butterfly_lane_outputs<T, g()>(d); });
+}
+
+template <typename T, int64_t g>
+FASTCAPS_INLINE void predict_rows(const Dims& d, const int64_t* lane_outputs, const T* weight, int64_t blk,
+                                  const Vec<T>* x, Vec<T>* uh) {
+  const int64_t L = kLanes<T>, D = d.out_dim, length = D * g, used = std::min(L, d.in_caps - blk * L);
+  const int64_t reduced = reduced_vectors(d, L);
+  Vec<T> repeated[kLanes<T>];  // u[i] repeated over the lanes: lane q holds e = q % g
+  for (int64_t l = 0; l < used; ++l)
+    for (int64_t q = 0; q < L; ++q) repeated[l][q] = x[q % g][l];
+  Vec<T> tile[kLanes<T>], products[g];
+  for (int64_t j = 0; j < d.out_caps; ++j) {
+    const T* run = weight + (j * d.in_caps + blk * L) * length;  // the block's rows of W[j], in order
+    for (int64_t f = 0; f < reduced; ++f) {
+      for (int64_t l = 0; l < L; ++l) {
+        if (l >= used) {
+          tile[l] = Vec<T>{};
+          continue;
+        }
+        if (f == 0 && j + 1 < d.out_caps) {  // W[j + 1, i] for the next j, one run ahead of its use
+          const char* next = reinterpret_cast<const char*>(run + (d.in_caps + l) * length);
+          for (int64_t byte = 0; byte < length * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(next + byte);
+        }
+        for (int64_t k = 0; k < g; ++k) products[k] = load_row_vector(run + l * length, length, f * g + k) * repeated[l];
+        tile[l] = reduce_segments<T, g>(products);
+      }
+      transpose<T>(tile);
+      for (int64_t q = 0; q < L; ++q)
+        if (lane_outputs[f * L + q] >= 0) uh[j * D + lane_outputs[f * L + q]] = tile[q];
+    }
+  }
+}
+
+template <typename T>
+FASTCAPS_CLONES void predict_from_rows(const Packed<T>& p, int64_t blk, const Vec<T>* x, Vec<T>* uh) {
+  // Forced inline, as the helpers are: a lambda is otherwise compiled once, for baseline x86-64.
+  with_segment_length<T>(p.d.in_dim, [&](auto g) __attribute__((always_inline)) {
+    predict_rows<T, g()>(p.d, p.row_outputs.data(), p.weight, blk, x, uh);
+  });
+}
+
 template <typename T>
 Packed<T> pack(const Dims& d, const T* u, const T* weight, bool share_weight) {
   const int64_t Din = d.in_dim, blocks = d.blocks<T>();
-  Packed<T> p{d, d.jd(), blocks, d.chunks<T>(), weight, packed_offsets(d),
+  Packed<T> p{d, d.jd(), blocks, d.chunks<T>(), weight, packed_offsets(d), row_lane_outputs<T>(d),
               LaneArray<T>(share_weight ? blocks * Din * d.jd() : 0), LaneArray<T>(d.batch * blocks * Din)};
   if (share_weight)
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -410,7 +559,8 @@ FASTCAPS_INLINE void accumulate(const Vec<T>* weight, const Vec<T>* uh, int64_t 
 //   forward  (sigma null):     sum_i c_ij uh_ij, the chunk's share of s_t;
 //   backward (sigma not null): sum_i delta_ij uh_ij, its share of dL/dV_{t-1}.
 // routed is V_{t-1} (null on the first forward pass: uniform couplings). With predict the
-// chunk's u_hat is computed into uh_sample, else read from it.
+// chunk's u_hat is computed into uh_sample, from chunk_weight (the chunk's packed W) or, when
+// that is null, from W's rows; else it is read from uh_sample.
 template <typename T>
 struct Pass {
   int64_t sample, chunk;
@@ -428,8 +578,10 @@ FASTCAPS_CLONES void sweep_chunk(const Packed<T>& p, const Pass<T>& pass, const 
   const int64_t first = pass.chunk * kChunkBlocks, last = std::min(p.blocks, first + kChunkBlocks);
   for (int64_t blk = first; blk < last; ++blk) {
     Vec<T>* uh = uh_sample + blk * jd;
-    if (pass.predict)
+    if (pass.predict && chunk_weight != nullptr)
       predict<T>(p.input_block(pass.sample, blk), chunk_weight + (blk - first) * p.block_size(), p.d.in_dim, jd, uh);
+    else if (pass.predict)
+      predict_from_rows<T>(p, blk, p.input_block(pass.sample, blk), uh);
     couplings<T>(uh, pass.routed, J, D, scratch.couplings.data());
     if (pass.sigma == nullptr) {
       accumulate<T>(scratch.couplings.data(), uh, J, D, sums);
@@ -488,7 +640,9 @@ void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const 
       at::parallel_for(0, p.chunks, 1, [&](int64_t begin, int64_t end) {
         Scratch<T> scratch(p);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
-          const Vec<T>* weight = pass_of(start, k, chunk).predict ? chunk_weight(scratch, chunk) : nullptr;
+          // A chunk's W that serves one sample is read by rows where the shape allows.
+          const bool from_rows = size == 1 && !p.row_outputs.empty();
+          const Vec<T>* weight = pass_of(start, k, chunk).predict && !from_rows ? chunk_weight(scratch, chunk) : nullptr;
           for (int64_t b = 0; b < size; ++b)
             sweep_chunk(p, pass_of(start + b, k, chunk), weight, uh + b * per_sample, scratch,
                         partials.data() + (b * p.chunks + chunk) * p.jd);

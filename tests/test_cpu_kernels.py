@@ -63,12 +63,13 @@ def test_auto_picks_the_cpu_kernels_on_cpu_tensors():
 # emulates a CPU without AVX-512, so under it the AVX2 clone runs. The baseline clone is
 # not run by any test here (no emulator without AVX2 is installed).
 _CLONE_PROGRAM = textwrap.dedent("""
-    import torch, fastcaps
+    import itertools, torch, fastcaps
     g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.float64):
-        u = fastcaps.squash(torch.randn(3, 37, 5, generator=g, dtype=dtype)).requires_grad_()
-        w = (torch.randn(4, 37, 6, 5, generator=g, dtype=dtype) * 0.3).requires_grad_()
-        grad = torch.randn(3, 4, 6, generator=g, dtype=dtype)
+    # Batch 1 with in_dim 4 also takes u_hat from W's rows (predict_from_rows).
+    for dtype, (batch, in_dim) in itertools.product((torch.float32, torch.float64), ((3, 5), (1, 4))):
+        u = fastcaps.squash(torch.randn(batch, 37, in_dim, generator=g, dtype=dtype)).requires_grad_()
+        w = (torch.randn(4, 37, 6, in_dim, generator=g, dtype=dtype) * 0.3).requires_grad_()
+        grad = torch.randn(batch, 4, 6, generator=g, dtype=dtype)
         results = []
         for backend in ("cpu", "reference"):
             v = fastcaps.dynamic_routing(u, w, None, 3, backend=backend)
@@ -118,3 +119,27 @@ def test_predictions_of_the_wrong_size_are_refused():
     u, weight = torch.randn(2, 5, 3), torch.randn(4, 5, 6, 3)
     with pytest.raises(RuntimeError, match="predictions must be empty or hold batch"):
         torch.ops.fastcaps.routing_cpu_forward(u, weight, torch.empty(0), 3, torch.empty(7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("in_dim", [1, 2, 4, 8, 16, 5])
+@pytest.mark.parametrize("out_dim", [1, 11, 17])
+def test_one_sample_predicts_u_hat_from_the_rows_of_w(in_dim, out_dim, dtype):
+    """At B = 1 the forward takes u_hat from W's rows by a butterfly over segments of in_dim
+    lanes (csrc/routing_cpu.cpp, predict_from_rows) where in_dim is a power of two of at
+    most one vector (16 floats, 8 doubles), and packs W otherwise (5, and 16 in float64).
+    Rows of out_dim * in_dim values end inside a vector at the odd sizes; 301 capsules end
+    inside a block."""
+    g = torch.Generator().manual_seed(in_dim * 100 + out_dim)
+    u = fastcaps.squash(torch.randn(1, 301, in_dim, generator=g, dtype=dtype)).requires_grad_()
+    weight = (torch.randn(3, 301, out_dim, in_dim, generator=g, dtype=dtype) * 0.3).requires_grad_()
+    bias = (torch.randn(3, out_dim, generator=g, dtype=dtype) * 0.3).requires_grad_()
+    grad_v = torch.randn(1, 3, out_dim, generator=g, dtype=dtype)
+    results = []
+    for backend, cast in (("cpu", dtype), ("reference", torch.float64)):
+        inputs = [t.detach().to(cast).requires_grad_() for t in (u, weight, bias)]
+        v = fastcaps.dynamic_routing(*inputs, 3, backend=backend)
+        results.append([v, *torch.autograd.grad(v, inputs, grad_v.to(cast))])
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
