@@ -169,7 +169,7 @@ struct Packed {
   int64_t jd, blocks, chunks;
   const T* weight;              // (J, I, D, Din); packed per block: [e, j*D + d][l] = W[j, blk*L + l, d, e]
   std::vector<int64_t> offset;  // see packed_offsets
-  std::vector<int64_t> row_outputs;  // see row_lane_outputs; empty where u_hat is never predicted from rows
+  std::vector<int64_t> row_outputs;  // see row_lane_outputs; empty where Din rules out predict_from_rows
   LaneArray<T> packed_weight;   // (blocks, Din, jd), or empty
   LaneArray<T> inputs;          // (B, blocks, Din): inputs[b, blk, e][l] = u[b, blk*L + l, e]
 
@@ -228,6 +228,14 @@ FASTCAPS_INLINE void store_tile(const Vec<T>* rows, int64_t used, int64_t column
   }
 }
 
+// Asks for values [start, start + count) ahead of their use, a cache line at a time: W's
+// next run, read while this one is, so that a cold W streams from memory.
+template <typename T>
+FASTCAPS_INLINE void prefetch(const T* start, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(start);
+  for (int64_t byte = 0; byte < count * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(bytes + byte);
+}
+
 // W[j, i] is a D x Din matrix, read as a row of columns c = d * Din + e; the packed block
 // holds column c of W[j, i] at offset[c] + j * D, offset[c] = e * jd + d. A tile covers
 // kLanes capsules and kLanes columns. (The offsets are tabulated: a division per stored
@@ -246,10 +254,7 @@ FASTCAPS_CLONES void pack_weight_block(const Dims& d, const int64_t* offset, con
   for (int64_t j = 0; j < d.out_caps; ++j) {
     // The block's capsules of W[j] are one contiguous run, read by tiles in an order strided
     // by rows; asking for the next run ahead lets a cold W stream from memory.
-    if (j + 1 < d.out_caps) {
-      const char* next = reinterpret_cast<const char*>(weight + ((j + 1) * d.in_caps + blk * L) * columns);
-      for (int64_t byte = 0; byte < used * columns * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(next + byte);
-    }
+    if (j + 1 < d.out_caps) prefetch(weight + ((j + 1) * d.in_caps + blk * L) * columns, used * columns);
     for (int64_t c0 = 0; c0 < columns; c0 += L) {
       const int64_t n = std::min(L, columns - c0);
       load_tile(weight + (j * d.in_caps + blk * L) * columns + c0, columns, used, n, tile);
@@ -432,10 +437,7 @@ FASTCAPS_INLINE void predict_rows(const Dims& d, const int64_t* lane_outputs, co
           tile[l] = Vec<T>{};
           continue;
         }
-        if (f == 0 && j + 1 < d.out_caps) {  // W[j + 1, i] for the next j, one run ahead of its use
-          const char* next = reinterpret_cast<const char*>(run + (d.in_caps + l) * length);
-          for (int64_t byte = 0; byte < length * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(next + byte);
-        }
+        if (f == 0 && j + 1 < d.out_caps) prefetch(run + (d.in_caps + l) * length, length);  // W[j + 1, i]
         for (int64_t k = 0; k < g; ++k) products[k] = load_row_vector(run + l * length, length, f * g + k) * repeated[l];
         tile[l] = reduce_segments<T, g>(products);
       }
@@ -578,10 +580,11 @@ FASTCAPS_CLONES void sweep_chunk(const Packed<T>& p, const Pass<T>& pass, const 
   const int64_t first = pass.chunk * kChunkBlocks, last = std::min(p.blocks, first + kChunkBlocks);
   for (int64_t blk = first; blk < last; ++blk) {
     Vec<T>* uh = uh_sample + blk * jd;
+    const Vec<T>* x = p.input_block(pass.sample, blk);
     if (pass.predict && chunk_weight != nullptr)
-      predict<T>(p.input_block(pass.sample, blk), chunk_weight + (blk - first) * p.block_size(), p.d.in_dim, jd, uh);
+      predict<T>(x, chunk_weight + (blk - first) * p.block_size(), p.d.in_dim, jd, uh);
     else if (pass.predict)
-      predict_from_rows<T>(p, blk, p.input_block(pass.sample, blk), uh);
+      predict_from_rows<T>(p, blk, x, uh);
     couplings<T>(uh, pass.routed, J, D, scratch.couplings.data());
     if (pass.sigma == nullptr) {
       accumulate<T>(scratch.couplings.data(), uh, J, D, sums);
@@ -636,12 +639,12 @@ void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const 
   std::vector<T> partials(group * partials_per_sample);
   for (int64_t start = 0; start < B; start += group) {
     const int64_t size = std::min(group, B - start);
+    // A chunk's W that serves one sample is read by rows where Din allows, not packed.
+    const bool from_rows = size == 1 && !p.row_outputs.empty();
     for (int64_t k = 0; k < steps; ++k) {
       at::parallel_for(0, p.chunks, 1, [&](int64_t begin, int64_t end) {
         Scratch<T> scratch(p);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
-          // A chunk's W that serves one sample is read by rows where the shape allows.
-          const bool from_rows = size == 1 && !p.row_outputs.empty();
           const Vec<T>* weight = pass_of(start, k, chunk).predict && !from_rows ? chunk_weight(scratch, chunk) : nullptr;
           for (int64_t b = 0; b < size; ++b)
             sweep_chunk(p, pass_of(start + b, k, chunk), weight, uh + b * per_sample, scratch,
@@ -827,10 +830,7 @@ FASTCAPS_CLONES void gradient_block_from_kept(const Packed<T>& p, const Backward
     std::fill(grad_u + (b * I + blk * L) * Din, grad_u + (b * I + blk * L + used) * Din, T(0));
   // j outermost: the block's capsules of W[j] (and of grad W[j]) are one contiguous run.
   for (int64_t j = 0; j < J; ++j) {
-    if (j + 1 < J) {  // ask for the next run ahead, as pack_weight_block does
-      const char* next = reinterpret_cast<const char*>(p.weight + ((j + 1) * I + blk * L) * D * Din);
-      for (int64_t byte = 0; byte < used * D * Din * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(next + byte);
-    }
+    if (j + 1 < J) prefetch(p.weight + ((j + 1) * I + blk * L) * D * Din, used * D * Din);
     for (int64_t l = 0; l < used; ++l) {
       const int64_t i = blk * L + l;
       const T* w = p.weight + (j * I + i) * D * Din;
