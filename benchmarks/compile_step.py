@@ -18,6 +18,7 @@ import time
 import torch
 
 import fastcaps
+from fastcaps import report
 
 
 def step_function(model, optimizer, images, labels):
@@ -54,19 +55,17 @@ def main() -> None:
         for _ in range(args.warmup):
             steps[name]()
     seconds = {name: [] for name in steps}
-    ratios = []
     for _ in range(args.rounds):
         for name, step in steps.items():
             started = time.perf_counter()
             step()
             seconds[name].append(time.perf_counter() - started)
-        ratios.append(seconds["eager"][-1] / seconds["compiled"][-1])
-    quartiles = statistics.quantiles(ratios, n=4, method="inclusive")
+    median, q1, q3 = report.round_ratios(seconds["eager"], seconds["compiled"])
     print(f"CapsNet training step, backend {args.backend!r}, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} interleaved rounds")
     for name, values in seconds.items():
         print(f"  {name:>8}: median {1e3 * statistics.median(values):7.1f} ms")
-    print(f"  eager / compiled: {statistics.median(ratios):.3f}x (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})")
+    print(f"  eager / compiled: {median:.3f}x (quartiles {q1:.3f}-{q3:.3f})")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+
+from fastcaps import report
 
 
 def main() -> None:
@@ -33,11 +34,11 @@ def main() -> None:
     for key, samples in groups.items():
         if args.slower not in samples or args.faster not in samples:
             continue
-        ratios = [a / b for a, b in zip(samples[args.slower], samples[args.faster])]
-        q1, _, q3 = statistics.quantiles(ratios, n=4)
-        wins = sum(ratio > 1 for ratio in ratios)
-        print(f"{' '.join(map(str, key)):40s} {statistics.median(ratios):.2f}x [{q1:.2f}, {q3:.2f}]  "
-              f"{args.faster} faster in {wins} of {len(ratios)} rounds")
+        slower, faster = samples[args.slower], samples[args.faster]
+        median, q1, q3 = report.round_ratios(slower, faster)
+        wins = sum(a > b for a, b in zip(slower, faster))
+        print(f"{' '.join(map(str, key)):40s} {median:.2f}x [{q1:.2f}, {q3:.2f}]  "
+              f"{args.faster} faster in {wins} of {len(faster)} rounds")
 
 
 if __name__ == "__main__":

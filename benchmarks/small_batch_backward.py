@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from fastcaps import _routing_cpu, bench
+from fastcaps import _routing_cpu, bench, report
 
 
 def measure(batch: int, rounds: int) -> str:
@@ -40,11 +40,10 @@ def measure(batch: int, rounds: int) -> str:
             variants[name]()
             if round_ >= 5:  # warm-up rounds are not kept
                 seconds[name].append(time.perf_counter() - started)
-    ratios = [r / k for r, k in zip(seconds["recomputing"], seconds["kept"])]
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    median, q1, q3 = report.round_ratios(seconds["recomputing"], seconds["kept"])
     return (f"B={batch}: backward kept {statistics.median(seconds['kept']) * 1e3:.3f} ms, "
             f"recomputing {statistics.median(seconds['recomputing']) * 1e3:.3f} ms; "
-            f"recomputing / kept median {statistics.median(ratios):.2f}x [{q1:.2f}, {q3:.2f}] over {rounds} rounds")
+            f"recomputing / kept median {median:.2f}x [{q1:.2f}, {q3:.2f}] over {rounds} rounds")
 
 
 def main() -> None:

@@ -27,14 +27,21 @@ from .backends import BACKENDS
 _MIB = 2**20
 
 
+def round_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> Tuple[float, float, float]:
+    """(median, first quartile, third quartile) of numerators[k] / denominators[k]: times of
+    two providers taken in the same rounds (bench.measure_group), so that a slow stretch of
+    the machine slows both sides of each ratio."""
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    low, high = bench.Timing(ratios).quartiles()
+    return statistics.median(ratios), low, high
+
+
 def _speedup(result: bench.Result, baseline: bench.Result) -> Tuple[float, float, float]:
-    """(median, first quartile, third quartile) of the round-by-round ratios baseline / result."""
+    """round_ratios of baseline / result."""
     if len(result.seconds) != len(baseline.seconds):
         raise ValueError(f"{result.point.label}: speed-ups need samples from the same rounds "
                          "(bench.measure_group)")
-    ratios = [ref / own for ref, own in zip(baseline.seconds, result.seconds)]
-    low, high = bench.Timing(ratios).quartiles()
-    return statistics.median(ratios), low, high
+    return round_ratios(baseline.seconds, result.seconds)
 
 
 def rows(results: Sequence[bench.Result]) -> List[dict]:
