@@ -807,13 +807,80 @@ FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& 
   unpack_weight_block(d, p.offset.data(), gw, blk, grad_weight);
 }
 
+// Lane q of expand_segments' result takes value q / g: each of L / g values repeated g times.
+template <typename T, int64_t g, std::size_t... lane>
+constexpr typename Simd<T>::ivec expand_indices(std::index_sequence<lane...>) {
+  return typename Simd<T>::ivec{static_cast<typename Simd<T>::integer>(lane / g)...};
+}
+
+// values[0 .. L/g) with each one repeated g times, the values past count zero: the g[d] of
+// row vector k of a D x g matrix (values = g + k * L / g, count = D - k * L / g) lined up
+// with the matrix's lanes (d, e). Reads a whole vector from values (the caller's buffer has
+// kLanes values of padding): building a partial one goes through the stack and stalls the
+// shuffle that reads it.
+template <typename T, int64_t g>
+FASTCAPS_INLINE Vec<T> expand_segments(const T* values, int64_t count) {
+  constexpr auto lanes = std::make_index_sequence<kLanes<T>>{};
+  constexpr typename Simd<T>::ivec expand = expand_indices<T, g>(lanes);
+  Vec<T> loaded;
+  std::memcpy(&loaded, values, sizeof(Vec<T>));
+  const Vec<T> expanded = __builtin_shuffle(loaded, expand);
+  if (count >= kLanes<T> / g) return expanded;
+  return expand < static_cast<typename Simd<T>::integer>(count) ? expanded : Vec<T>{};
+}
+
+// Stores row vector k of a row of `length` values (the inverse of load_row_vector).
+template <typename T>
+FASTCAPS_INLINE void store_row_vector(const Vec<T>& v, int64_t length, int64_t k, T* row) {
+  const int64_t start = k * kLanes<T>;
+  if (start + kLanes<T> <= length)
+    std::memcpy(row + start, &v, sizeof(Vec<T>));
+  else
+    for (int64_t c = start; c < length; ++c) row[c] = v[c - start];
+}
+
+// Phase B's products for one block, from W's rows (Din = g, a power of two, as
+// predict_rows): lane q of row vector k of W[j, i] is (d, e) = (k * L / g + q / g, q % g), so
+// with G = g[b, i, j] expanded (expand_segments) and X = u[b, i] repeated over the lanes,
+//   grad W[j, i] row vector k = sum_b G * X  (batch order)
+//   grad u[b, i][e] = sum over j, k and lanes q with q % g = e of G * (W[j, i] row vector k).
+// One capsule at a time, j inside: the J rows of W[., i] are J streams read in order.
+// capsule_grads as in gradient_block_from_kept; grad_u's block is zero on entry.
+template <typename T, int64_t g>
+FASTCAPS_INLINE void gradient_rows(const Dims& d, const T* weight, const T* u, const T* capsule_grads, int64_t blk,
+                                   T* grad_u, T* grad_weight) {
+  const int64_t L = kLanes<T>, I = d.in_caps, D = d.out_dim, jd = d.jd(), length = D * g;
+  const int64_t vectors = row_vectors(d, L), used = std::min(L, I - blk * L);
+  for (int64_t b = 0; b < d.batch; ++b)
+    for (int64_t i = blk * L; i < blk * L + used; ++i) {
+      Vec<T> repeated;  // u[b, i] over the lanes: lane q holds e = q % g
+      for (int64_t q = 0; q < L; ++q) repeated[q] = u[(b * I + i) * g + q % g];
+      const T* grads = capsule_grads + (b * L + i - blk * L) * jd;
+      Vec<T> products = {};
+      for (int64_t j = 0; j < d.out_caps; ++j) {
+        const T* w = weight + (j * I + i) * length;
+        T* gw = grad_weight + (j * I + i) * length;
+        for (int64_t k = 0; k < vectors; ++k) {
+          __builtin_prefetch(w + length + k * L);  // W[j, i + 1]: each of the J streams one row ahead
+          const Vec<T> expanded = expand_segments<T, g>(grads + j * D + k * (L / g), D - k * (L / g));
+          products += expanded * load_row_vector(w, length, k);
+          const Vec<T> grad_w = expanded * repeated;
+          store_row_vector(b == 0 ? grad_w : load_row_vector(gw, length, k) + grad_w, length, k, gw);
+        }
+      }
+      T* gu = grad_u + (b * I + i) * g;
+      for (int64_t q = 0; q < L; ++q) gu[q % g] += products[q];
+    }
+}
+
 // Phase B for one block when the forward kept u_hat (small batches): g for every sample
 // from the kept u_hat, turned capsule-major, then per output capsule j and capsule i,
 // straight from W in its own layout:
 //   grad W[j, i] = sum_b g[b, i, j] u[b, i]^T (batch order), grad u[b, i] += W[j, i]^T g[b, i, j].
-// For each j the block's W and grad W are one contiguous run, read and written in order with
-// no transpose: at these batches moving W is most of the call. capsule_grads holds
-// B * kLanes * jd values.
+// W and grad W are read and written in order with no transpose: at these batches moving W is
+// most of the call. Where Din is a power of two that is done a vector at a time
+// (gradient_rows); otherwise a value at a time, the block's run of W[j] for each j in turn.
+// capsule_grads holds B * kLanes * jd values and kLanes of padding.
 template <typename T>
 FASTCAPS_CLONES void gradient_block_from_kept(const Packed<T>& p, const BackwardState<T>& state, const Vec<T>* kept,
                                               const T* u, int64_t blk, Scratch<T>& scratch, T* capsule_grads,
@@ -828,6 +895,12 @@ FASTCAPS_CLONES void gradient_block_from_kept(const Packed<T>& p, const Backward
   }
   for (int64_t b = 0; b < d.batch; ++b)
     std::fill(grad_u + (b * I + blk * L) * Din, grad_u + (b * I + blk * L + used) * Din, T(0));
+  if (!p.row_outputs.empty()) {  // Din a power of two: by rows, as the forward predicted
+    with_segment_length<T>(Din, [&](auto segment) __attribute__((always_inline)) {
+      gradient_rows<T, segment()>(d, p.weight, u, capsule_grads, blk, grad_u, grad_weight);
+    });
+    return;
+  }
   // j outermost: the block's capsules of W[j] (and of grad W[j]) are one contiguous run.
   for (int64_t j = 0; j < J; ++j) {
     if (j + 1 < J) prefetch(p.weight + ((j + 1) * I + blk * L) * D * Din, used * D * Din);
@@ -914,7 +987,7 @@ void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool d
       for (int64_t blk = begin; blk < end; ++blk) gradient_block(p, state, kept, blk, scratch, grad_u, grad_weight);
       return;
     }
-    std::vector<T> capsule_grads(B * kLanes<T> * jd);
+    std::vector<T> capsule_grads(B * kLanes<T> * jd + kLanes<T>);  // padded for expand_segments
     for (int64_t blk = begin; blk < end; ++blk)
       gradient_block_from_kept(p, state, kept, u, blk, scratch, capsule_grads.data(), grad_u, grad_weight);
   });

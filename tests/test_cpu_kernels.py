@@ -94,15 +94,17 @@ def test_avx2_clone_matches_the_reference():
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("detach", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kept_predictions_give_the_recomputing_backward(dtype, detach, batch):
+@pytest.mark.parametrize("in_dim", [5, 4])
+def test_kept_predictions_give_the_recomputing_backward(in_dim, dtype, detach, batch):
     """Small batches keep the forward's u_hat; the backward then reads it instead of
-    recomputing u_hat, and at B = 1 takes grad u and grad W from W in its own layout. Same
-    gradients as the recomputing backward, up to the order of the sums."""
+    recomputing u_hat, and at B = 1 takes grad u and grad W from W in its own layout (a
+    vector at a time where in_dim is a power of two, gradient_rows). Same gradients as the
+    recomputing backward, up to the order of the sums."""
     from fastcaps import _routing_cpu
 
     g = torch.Generator().manual_seed(1)
-    u = fastcaps.squash(torch.randn(batch, 37, 5, generator=g, dtype=dtype))
-    weight = torch.randn(4, 37, 6, 5, generator=g, dtype=dtype) * 0.3
+    u = fastcaps.squash(torch.randn(batch, 37, in_dim, generator=g, dtype=dtype))
+    weight = torch.randn(4, 37, 6, in_dim, generator=g, dtype=dtype) * 0.3
     bias = torch.randn(4, 6, generator=g, dtype=dtype) * 0.3
     v, s, predictions = _routing_cpu.routing_forward(u, weight, bias, 3, detach)
     lanes = 64 // dtype.itemsize
