@@ -813,9 +813,9 @@ constexpr typename Simd<T>::ivec expand_indices(std::index_sequence<lane...>) {
   return typename Simd<T>::ivec{static_cast<typename Simd<T>::integer>(lane / g)...};
 }
 
-// values[0 .. L/g) with each one repeated g times, the values past count zero: the g[d] of
-// row vector k of a D x g matrix (values = g + k * L / g, count = D - k * L / g) lined up
-// with the matrix's lanes (d, e). Reads a whole vector from values (the caller's buffer has
+// values[0 .. L/g) with each one repeated g times, the values past count zero. For row
+// vector k of a D x g matrix W[j, i], with grads the D gradients dL/du_hat[i, j, d], values =
+// grads + k * L / g and count = D - k * L / g give grads[d] lined up with the lanes (d, e). Reads a whole vector from values (the caller's buffer has
 // kLanes values of padding): building a partial one goes through the stack and stalls the
 // shuffle that reads it.
 template <typename T, int64_t g>
