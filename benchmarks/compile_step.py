@@ -18,7 +18,7 @@ import time
 import torch
 
 import fastcaps
-from fastcaps import report
+from fastcaps.tools.bench import report
 
 
 def step_function(model, optimizer, images, labels):

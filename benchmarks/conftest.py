@@ -1,13 +1,13 @@
 """pytest-benchmark suites for fastcaps: `pytest benchmarks/ --benchmark-only`.
 
 Kept out of the default test run (pyproject's testpaths is tests/). Timing runs with the
-same steady-state allocator as `fastcaps bench` (see fastcaps/bench.py); the reference's
+same steady-state allocator as `fastcaps bench` (see fastcaps/tools/bench/engine.py); the reference's
 median of each group is kept here so every other provider records its speed-up.
 """
 
 import pytest
 
-from fastcaps import bench
+from fastcaps.tools.bench import engine as bench
 
 
 def pytest_configure(config):

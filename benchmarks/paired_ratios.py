@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fastcaps import report
+from fastcaps.tools.bench import report
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from fastcaps._routing_triton import capsule_chunks, pass_config
+from fastcaps.kernels.triton.configs import capsule_chunks, pass_config
 
 # NVIDIA H100 SXM5 datasheet: fp32 (non-tensor) FLOP/s and HBM3 bytes/s.
 H100_FP32_FLOPS = 67e12

@@ -17,19 +17,21 @@ import time
 
 import torch
 
-from fastcaps import _routing_cpu, bench, report
+from fastcaps.kernels.cpu import dynamic_routing as cpu_kernels
+from fastcaps.tools.bench import engine as bench
+from fastcaps.tools.bench import report
 
 
 def measure(batch: int, rounds: int) -> str:
-    point = bench.Point("mnist", bench.CASES["mnist"], batch, 3, "forward+backward", "reference-compiled")
+    point = bench.Point("mnist", bench.CASES["mnist"].with_batch(batch), 3, "forward+backward", "reference-compiled")
     compiled = bench.make_runner(point)
-    u, weight = bench.make_inputs(point, seed=1)
-    v, s, predictions = _routing_cpu.routing_forward(u, weight, None, 3, False)
-    assert predictions.numel() > 0, "this batch keeps no u_hat"
+    u, weight = bench.point_inputs(point, seed=1)
+    v, s, kept_u_hat = cpu_kernels.routing_forward(u, weight, None, 3, False)
+    assert kept_u_hat.numel() > 0, "this batch keeps no u_hat"
     grad_v = torch.ones_like(v)
     variants = {
-        "kept": lambda: _routing_cpu.routing_backward(grad_v, u, weight, None, s, predictions, 3, False),
-        "recomputing": lambda: _routing_cpu.routing_backward(grad_v, u, weight, None, s, predictions[:0], 3, False),
+        "kept": lambda: cpu_kernels.routing_backward(grad_v, u, weight, None, s, kept_u_hat, 3, False),
+        "recomputing": lambda: cpu_kernels.routing_backward(grad_v, u, weight, None, s, kept_u_hat[:0], 3, False),
     }
     seconds = {name: [] for name in variants}
     for round_ in range(rounds + 5):

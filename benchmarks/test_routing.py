@@ -7,7 +7,7 @@
 Each group (pytest-benchmark groups by it by default) is one (case, B, r, mode,
 dtype); its members are the providers. extra_info carries GFLOP/s (DESIGN.md section 6
 counts), the speed-up over the reference measured in this session, peak memory growth
-(fresh process, see fastcaps.bench.peak_memory) and the first call's time (compilation
+(fresh process, see fastcaps.tools.bench.engine.peak_memory) and the first call's time (compilation
 for the compiled reference).
 """
 
@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from fastcaps import bench
+from fastcaps.tools.bench import engine as bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = ["float32", "float16", "bfloat16"] if DEVICE == "cuda" else ["float32"]
@@ -32,7 +32,7 @@ POINTS = [
 def _fits(point: bench.Point) -> bool:
     """The reference keeps about five u_hat-sized tensors for forward+backward."""
     shape = point.shape
-    u_hat_bytes = point.batch * shape.in_caps * shape.out_caps * shape.out_dim * 4
+    u_hat_bytes = shape.batch * shape.in_caps * shape.out_caps * shape.out_dim * 4
     if point.device == "cuda":
         available = torch.cuda.get_device_properties(0).total_memory
     else:
@@ -61,7 +61,7 @@ def test_routing(benchmark, point, reference_results):
     reference_median, reference_peak = reference_results.get(point.label, (None, None))
     benchmark.extra_info.update({
         "provider": point.provider,
-        "gflops": bench.flops(point.shape, point.batch, point.iterations, point.mode) / median / 1e9,
+        "gflops": bench.flops(point.shape, point.iterations, point.mode) / median / 1e9,
         "speedup_vs_reference": None if reference_median is None else reference_median / median,
         "peak_mib": peak / 2**20,
         "memory_vs_reference": None if not reference_peak else peak / reference_peak,

@@ -1,4 +1,4 @@
-// fastcaps C++ extension: kernels that plug into the ops defined in Python (fastcaps/ops.py).
+// fastcaps C++ extension: kernels that plug into the ops defined in Python (fastcaps/ops/).
 //
 // The op schemas live in Python (torch.library.custom_op); C++ only implements. This file
 // also records the torch version the extension was compiled against, so that Python can

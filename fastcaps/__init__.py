@@ -4,9 +4,13 @@
     caps = fastcaps.DigitCaps(in_caps=1152, in_dim=8, out_caps=10, out_dim=16)
     v = caps(u)                                   # (B, 10, 16)
     fastcaps.available_backends("cpu")            # ['reference', 'torch', ...]
+
+The layers of the package (docs/architecture.md): ``reference`` (the papers' algorithms),
+``kernels`` (each backend's kernels), ``ops`` (the custom ops), ``functional`` and ``nn``
+(the public API), ``backends`` (the registry), ``tools`` (check, bench, train, AOT).
 """
 
-from . import _extension  # noqa: F401  (loads the C++ kernels, or warns once)
+from .kernels.cpu import extension as _extension  # noqa: F401  (loads the C++ kernels, or warns once)
 from . import functional, nn, ops, reference
 from .backends import BACKENDS, available_backends
 from .functional import dynamic_routing, margin_loss, reconstruction_loss, squash

@@ -3,7 +3,7 @@
 Without a CUDA device the Triton kernels run under Triton's interpreter, which reads
 TRITON_INTERPRET when the kernels are decorated: it is set here, before any test module
 imports fastcaps (DESIGN.md section 5). The interpreter is slow, so the generic suites
-leave "triton" out (see ``fast_kernels``) and tests/test_triton_kernels.py checks it at
+leave "triton" out (each keeps its own list of backends) and tests/test_triton_kernels.py checks it at
 small shapes.
 """
 

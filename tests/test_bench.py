@@ -5,8 +5,11 @@ import json
 import pytest
 import torch
 
-from fastcaps import bench, cli, report
 from fastcaps.backends import available_backends
+from fastcaps.cases import RoutingShape
+from fastcaps.tools import cli
+from fastcaps.tools.bench import engine as bench
+from fastcaps.tools.bench import report
 
 MNIST = bench.CASES["mnist"]
 
@@ -16,12 +19,12 @@ def test_flop_counts_match_the_design_notes():
     # (r = 3) 2 (2r - 1) I J D = 1.84 MFLOP.
     u_hat, routing = 2 * 1152 * 10 * 16 * 8, 2 * 5 * 1152 * 10 * 16
     assert (u_hat, routing) == (2_949_120, 1_843_200)
-    assert bench.flops(MNIST, 1, 3, "forward") == u_hat + routing
-    assert bench.flops(MNIST, 128, 3, "forward+backward") == 3 * 128 * bench.flops(MNIST, 1, 3, "forward")
+    assert bench.flops(MNIST, 3, "forward") == u_hat + routing
+    assert bench.flops(MNIST.with_batch(128), 3, "forward+backward") == 3 * 128 * bench.flops(MNIST, 3, "forward")
 
 
 def _result(provider, seconds, peak=None, batch=32):
-    return bench.Result(bench.Point("mnist", MNIST, batch, 3, "forward", provider), seconds, 0.0, peak)
+    return bench.Result(bench.Point("mnist", MNIST.with_batch(batch), 3, "forward", provider), seconds, 0.0, peak)
 
 
 def test_speedup_is_the_median_of_round_by_round_ratios():
@@ -65,7 +68,7 @@ def test_compare_agrees_on_overlapping_spreads_only(tmp_path, capsys):
 )
 @pytest.mark.parametrize("mode", bench.MODES)
 def test_every_provider_runs_in_every_mode(provider, mode):
-    runner = bench.make_runner(bench.Point("small", bench.Shape(5, 3, 4, 6), 3, 2, mode, provider))
+    runner = bench.make_runner(bench.Point("small", RoutingShape(3, 5, 3, 4, 6), 2, mode, provider))
     runner.run()
     assert runner.first_call_seconds > 0
 

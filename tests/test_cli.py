@@ -5,7 +5,9 @@ import sys
 
 import torch
 
-from fastcaps import _routing_torch, check, cli, ops
+from fastcaps.cases import RoutingShape
+from fastcaps.kernels.torch import dynamic_routing as torch_kernels
+from fastcaps.tools import check, cli
 
 
 def test_check_command_passes_and_prints_the_table():
@@ -20,14 +22,14 @@ def test_check_command_passes_and_prints_the_table():
         assert f"\n{backend} " in result.stdout
 
 
-def _off_by_a_little(u, weight, bias, iterations, detach):
-    v, s = _routing_torch.routing_forward(u, weight, bias, iterations, detach)
-    return v * (1 + 1e-3), s
+def _off_by_a_little(u, weight, bias, iterations, detach_routing):
+    v, s, kept_u_hat = torch_kernels.routing_forward(u, weight, bias, iterations, detach_routing)
+    return v * (1 + 1e-3), s, kept_u_hat
 
 
 def test_a_wrong_kernel_fails_the_check_and_the_exit_code(monkeypatch, capsys):
-    monkeypatch.setitem(ops.KERNELS, "torch", ops.recomputing_kernels(_off_by_a_little, _routing_torch.routing_backward))
-    row = check.check_case("torch", check.Case(2, 7, 3, 5, 3, 2, False, True), torch.float32)
+    monkeypatch.setattr(torch_kernels, "KERNELS", torch_kernels.KERNELS._replace(forward=_off_by_a_little))
+    row = check.check_case("torch", check.Case(RoutingShape(2, 7, 3, 3, 5), 2, False, True), torch.float32)
     assert not row.passed and row.error_v > 1e-4
     assert cli.main(["check", "--backend", "torch", "--dtype", "float32"]) == 1
     assert "FAILED: torch" in capsys.readouterr().out
@@ -35,9 +37,9 @@ def test_a_wrong_kernel_fails_the_check_and_the_exit_code(monkeypatch, capsys):
 
 def test_a_wrong_gradient_is_caught_by_the_finite_difference_too(monkeypatch):
     def wrong_backward(*args):
-        grad_u, grad_weight, grad_bias = _routing_torch.routing_backward(*args)
+        grad_u, grad_weight, grad_bias = torch_kernels.routing_backward(*args)
         return grad_u, grad_weight * 1.01, grad_bias
 
-    monkeypatch.setitem(ops.KERNELS, "torch", ops.recomputing_kernels(_routing_torch.routing_forward, wrong_backward))
-    row = check.check_case("torch", check.Case(2, 7, 3, 5, 3, 3, False, False), torch.float64)
+    monkeypatch.setattr(torch_kernels, "KERNELS", torch_kernels.KERNELS._replace(backward=wrong_backward))
+    row = check.check_case("torch", check.Case(RoutingShape(2, 7, 3, 3, 5), 3, False, False), torch.float64)
     assert not row.passed and row.error_fd > check.FD_TOLERANCE

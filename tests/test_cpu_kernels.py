@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # Batch 5 runs one sample per thread with 1 thread and splits samples over capsule chunks
-# with 2 (csrc/routing_cpu.cpp, samples_in_parallel); batch 13 runs one sample per thread
+# with 2 (csrc/dynamic_routing/layout.h, samples_in_parallel); batch 13 runs one sample per thread
 # with both; batches 1 and 4 keep the forward's u_hat for the backward (1 also takes grad W
 # from W's own layout). Either way the bits must not change.
 _PROGRAM = textwrap.dedent("""
@@ -59,8 +59,9 @@ def test_auto_picks_the_cpu_kernels_on_cpu_tensors():
 
 
 # The kernels are compiled for AVX-512, AVX2 and baseline x86-64, and the loader picks one
-# (csrc/routing_cpu.cpp, FASTCAPS_CLONES). This machine runs the AVX-512 one; valgrind
-# emulates a CPU without AVX-512, so under it the AVX2 clone runs. The baseline clone is
+# (csrc/common/simd.h, FASTCAPS_CLONES). An AVX-512 machine runs the AVX-512 one; valgrind
+# emulates a CPU without AVX-512, so under it the AVX2 clone runs (on an AVX2 machine the
+# test runs the clone the machine runs anyway). The baseline clone is
 # not run by any test here (no emulator without AVX2 is installed).
 _CLONE_PROGRAM = textwrap.dedent("""
     import itertools, torch, fastcaps
@@ -95,31 +96,31 @@ def test_avx2_clone_matches_the_reference():
 @pytest.mark.parametrize("detach", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("in_dim", [5, 4])
-def test_kept_predictions_give_the_recomputing_backward(in_dim, dtype, detach, batch):
+def test_kept_u_hat_gives_the_recomputing_backward(in_dim, dtype, detach, batch):
     """Small batches keep the forward's u_hat; the backward then reads it instead of
     recomputing u_hat, and at B = 1 takes grad u and grad W from W in its own layout (a
     vector at a time where in_dim is a power of two, gradient_rows). Same gradients as the
     recomputing backward, up to the order of the sums."""
-    from fastcaps import _routing_cpu
+    from fastcaps.kernels.cpu import dynamic_routing as cpu_kernels
 
     g = torch.Generator().manual_seed(1)
     u = fastcaps.squash(torch.randn(batch, 37, in_dim, generator=g, dtype=dtype))
     weight = torch.randn(4, 37, 6, in_dim, generator=g, dtype=dtype) * 0.3
     bias = torch.randn(4, 6, generator=g, dtype=dtype) * 0.3
-    v, s, predictions = _routing_cpu.routing_forward(u, weight, bias, 3, detach)
+    v, s, kept_u_hat = cpu_kernels.routing_forward(u, weight, bias, 3, detach)
     lanes = 64 // dtype.itemsize
-    assert predictions.numel() == batch * -(-37 // lanes) * lanes * 4 * 6
+    assert kept_u_hat.numel() == batch * -(-37 // lanes) * lanes * 4 * 6
     grad_v = torch.randn(v.shape, generator=g, dtype=dtype)
-    kept = _routing_cpu.routing_backward(grad_v, u, weight, bias, s, predictions, 3, detach)
-    recomputed = _routing_cpu.routing_backward(grad_v, u, weight, bias, s, predictions[:0], 3, detach)
+    kept = cpu_kernels.routing_backward(grad_v, u, weight, bias, s, kept_u_hat, 3, detach)
+    recomputed = cpu_kernels.routing_backward(grad_v, u, weight, bias, s, kept_u_hat[:0], 3, detach)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-13
     for a, b in zip(kept, recomputed):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
-def test_predictions_of_the_wrong_size_are_refused():
+def test_kept_u_hat_of_the_wrong_size_is_refused():
     u, weight = torch.randn(2, 5, 3), torch.randn(4, 5, 6, 3)
-    with pytest.raises(RuntimeError, match="predictions must be empty or hold batch"):
+    with pytest.raises(RuntimeError, match="kept_u_hat must be empty or hold batch"):
         torch.ops.fastcaps.routing_cpu_forward(u, weight, torch.empty(0), 3, torch.empty(7))
 
 
@@ -128,7 +129,7 @@ def test_predictions_of_the_wrong_size_are_refused():
 @pytest.mark.parametrize("out_dim", [1, 11, 17])
 def test_one_sample_predicts_u_hat_from_the_rows_of_w(in_dim, out_dim, dtype):
     """At B = 1 the forward takes u_hat from W's rows by a butterfly over segments of in_dim
-    lanes (csrc/routing_cpu.cpp, predict_from_rows) where in_dim is a power of two of at
+    lanes (csrc/dynamic_routing/rows.h, predict_from_rows) where in_dim is a power of two of at
     most one vector (16 floats, 8 doubles), and packs W otherwise (5, and 16 in float64).
     Rows of out_dim * in_dim values end inside a vector at the odd sizes; 301 capsules end
     inside a block."""

@@ -1,4 +1,4 @@
-"""fastcaps.data: scikit-learn's digits, and MNIST IDX files the tests write themselves."""
+"""fastcaps.tools.train.data: scikit-learn's digits, and MNIST IDX files the tests write themselves."""
 
 import gzip
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcaps.data import IDXError, load_mnist_idx, load_sklearn_digits, read_idx
+from fastcaps.tools.train.data import IDXError, load_mnist_idx, load_sklearn_digits, read_idx
 
 
 def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:

@@ -33,14 +33,14 @@ W = torch.randn(4, 6, 5, 3)
         ({"iterations": 0}, ValueError, "iterations must be >= 1, got 0"),
         ({"iterations": 2.0}, TypeError, "iterations must be an int >= 1"),
         ({"iterations": True}, TypeError, "iterations must be an int >= 1"),
-        ({"detach": 1}, TypeError, "detach must be a bool"),
+        ({"detach_routing": 1}, TypeError, "detach_routing must be a bool"),
         ({"backend": "cuda"}, ValueError, "backend='cuda' is not a fastcaps backend"),
         ({"weight": torch.randn(0, 6, 5, 3)}, ValueError, "out_caps, out_dim and in_dim must be at least 1"),
     ],
 )
 @pytest.mark.parametrize("backend", fastcaps.available_backends("cpu"))
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, message, backend):
-    call = {"u": U, "weight": W, "bias": None, "iterations": 3, "detach": False, "backend": backend}
+    call = {"u": U, "weight": W, "bias": None, "iterations": 3, "detach_routing": False, "backend": backend}
     call.update(kwargs)
     with pytest.raises(error, match=message):
         F.dynamic_routing(**call)
@@ -180,3 +180,32 @@ def test_reconstruction_loss_is_summed_per_image_and_averaged_over_the_batch():
         F.reconstruction_loss(reconstruction, torch.rand(3, 15))
     with pytest.raises(ValueError, match="reduction must be one of"):
         F.reconstruction_loss(reconstruction, images, reduction="avg")
+
+
+@pytest.mark.parametrize("route", [F.dynamic_routing, reference.dynamic_routing], ids=["functional", "reference"])
+def test_the_old_keyword_detach_still_works_with_a_warning(route):
+    u, weight = U.clone().requires_grad_(), W.clone().requires_grad_()
+    with pytest.warns(FutureWarning, match="the keyword 'detach' is deprecated; use 'detach_routing'"):
+        old = route(u, weight, detach=True)
+    new = route(u, weight, detach_routing=True)
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+    grad = torch.randn_like(new)
+    for a, b in zip(torch.autograd.grad(old, (u, weight), grad), torch.autograd.grad(new, (u, weight), grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_reference_backend_computes_half_inputs_in_float32(dtype):
+    """backend="reference" upcasts as every kernel does: at inputs of scale 300 the sums pass
+    float16's range, and the same-dtype loop (the oracle's non-upcasting mode) returns NaN."""
+    torch.manual_seed(0)
+    caps = fastcaps.DigitCaps(64, 8, 4, 16, backend="reference").to(dtype)
+    u = (torch.randn(3, 64, 8) * 300).to(dtype).requires_grad_()
+    v = caps(u)
+    assert v.dtype == dtype and torch.isfinite(v).all()
+    v.float().sum().backward()
+    assert u.grad.dtype == dtype and torch.isfinite(u.grad).all() and torch.isfinite(caps.weight.grad).all()
+    wide = reference.dynamic_routing(u.detach().float(), caps.weight.detach().float())
+    torch.testing.assert_close(v.float(), wide.to(dtype).float(), rtol=0, atol=0)
+    if dtype == torch.float16:
+        assert not torch.isfinite(reference.dynamic_routing(u.detach(), caps.weight.detach())).all()

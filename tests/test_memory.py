@@ -2,13 +2,13 @@
 
 import pytest
 
-from fastcaps.bench import CASES, Point, peak_memory
+from fastcaps.tools.bench.engine import CASES, Point, peak_memory
 
 MNIST = CASES["mnist"]
 
 
 def _peak(provider, mode, batch):
-    return peak_memory(Point("mnist", MNIST, batch, 3, mode, provider))
+    return peak_memory(Point("mnist", MNIST.with_batch(batch), 3, mode, provider))
 
 
 def test_torch_kernel_uses_a_fraction_of_the_references_memory():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastcaps import reference
+from fastcaps.cases import RoutingShape, make_inputs
 
 
 def loop_routing(u, weight, bias, iterations, detach):
@@ -56,11 +57,8 @@ def test_matches_explicit_loops_in_float64(iterations, detach, with_bias):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
 
 
-def _inputs(batch=4, in_caps=9, out_caps=5, out_dim=6, in_dim=3, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    u = reference.squash(torch.randn(batch, in_caps, in_dim, generator=generator, dtype=torch.float64))
-    weight = torch.randn(out_caps, in_caps, out_dim, in_dim, generator=generator, dtype=torch.float64)
-    bias = torch.randn(out_caps, out_dim, generator=generator, dtype=torch.float64)
+def _inputs(seed=0):
+    u, weight, bias, _ = make_inputs(RoutingShape(batch=4, in_caps=9, in_dim=3, out_caps=5, out_dim=6), seed, bias=True)
     return u, weight, bias
 
 
@@ -124,7 +122,7 @@ def test_detach_changes_gradients_not_values():
     u, weight, bias = _inputs()
     weight.requires_grad_()
     attached = reference.dynamic_routing(u, weight, bias, iterations=3)
-    detached = reference.dynamic_routing(u, weight, bias, iterations=3, detach=True)
+    detached = reference.dynamic_routing(u, weight, bias, iterations=3, detach_routing=True)
     torch.testing.assert_close(attached, detached, rtol=0, atol=0)
     grad_attached = torch.autograd.grad(attached.sum(), weight)[0]
     grad_detached = torch.autograd.grad(detached.sum(), weight)[0]

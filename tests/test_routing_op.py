@@ -1,10 +1,13 @@
-"""The fastcaps::routing op and its "torch" kernel against the reference."""
+"""The fastcaps::routing op, its registry of kernels, and its "torch" kernel against the reference."""
 
 import pytest
 import torch
 
 import fastcaps
-from fastcaps import _routing_torch, check, ops, reference
+from fastcaps import backends, ops, reference
+from fastcaps.cases import RoutingShape, make_inputs
+from fastcaps.kernels.torch import dynamic_routing as torch_kernels
+from fastcaps.tools import check
 
 FULL_GRID = check.full_cases()
 # Every kernel of the routing op that runs here ("torch", and "cpu" when the extension is built).
@@ -23,15 +26,12 @@ def test_kernels_match_reference_on_the_full_grid(case):
 
 
 def _small_inputs(dtype=torch.float64, batch=3, in_caps=5, out_caps=4, out_dim=3, in_dim=2, bias=True, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    u = reference.squash(torch.randn(batch, in_caps, in_dim, generator=generator, dtype=torch.float64) * 2)
-    weight = torch.randn(out_caps, in_caps, out_dim, in_dim, generator=generator, dtype=torch.float64)
-    b = torch.randn(out_caps, out_dim, generator=generator, dtype=torch.float64) if bias else None
-    return [t if t is None else t.to(dtype).requires_grad_() for t in (u, weight, b)]
+    u, weight, b, _ = make_inputs(RoutingShape(batch, in_caps, in_dim, out_caps, out_dim), seed, bias=bias, dtype=dtype)
+    return [t if t is None else t.requires_grad_() for t in (u, weight, b)]
 
 
-# With detach and r > 1 the gradient is a stop-gradient, not the forward's derivative; the
-# grid test checks it against the frozen-coupling forward (fastcaps.check).
+# With detach_routing and r > 1 the gradient is a stop-gradient, not the forward's derivative;
+# the grid test checks it against the frozen-coupling forward (fastcaps/tools/check.py).
 @pytest.mark.parametrize("iterations, detach", [(1, False), (2, False), (3, False), (1, True)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("backend", KERNELS)
@@ -53,11 +53,11 @@ def test_opcheck_routing_and_backward(with_bias, dtype, backend):
     u, weight, bias = _small_inputs(dtype=dtype, bias=with_bias)
     torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, backend))
     torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 2, True, backend))
-    v, s, predictions = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
+    v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
     grad_v = torch.randn_like(v)
     torch.library.opcheck(
         torch.ops.fastcaps.routing_backward.default,
-        (grad_v, u.detach(), weight.detach(), None if bias is None else bias.detach(), s, predictions, 3, False,
+        (grad_v, u.detach(), weight.detach(), None if bias is None else bias.detach(), s, kept_u_hat, 3, False,
          backend),
     )
 
@@ -66,14 +66,16 @@ def test_opcheck_routing_and_backward(with_bias, dtype, backend):
 @pytest.mark.parametrize("backend", KERNELS)
 def test_saved_state_is_s_per_iteration_and_small_batches_u_hat(backend, batch):
     u, weight, bias = _small_inputs(batch=batch, in_caps=21)
-    v, s, predictions = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
-    assert s.shape == (batch, 3, 4, 3) and not s.requires_grad and not predictions.requires_grad
+    v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
+    assert s.shape == (batch, 3, 4, 3) and not s.requires_grad and not kept_u_hat.requires_grad
     # s[:, t] is the pre-squash sum of iteration t: the last one squashes to v.
     torch.testing.assert_close(fastcaps.squash(s[:, -1]), v)
     # Only the C++ kernels keep u_hat, and only up to 4 samples: (B, 3 blocks of 8 float64
     # capsules, J * D) vectors of 8 lanes.
     kept = backend == "cpu" and batch <= 4
-    assert predictions.shape == ((batch * 3 * 4 * 3 * 8,) if kept else (0,))
+    assert kept_u_hat.shape == ((batch * 3 * 4 * 3 * 8,) if kept else (0,))
+    # The fake (torch.compile, meta tensors) gives the kernel's size.
+    assert backends.kernels(backend).kept_numel(batch, 21, 4, 3, torch.float64) == kept_u_hat.numel()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -110,7 +112,7 @@ def test_empty_batch(backend):
 
 def test_batches_larger_than_one_chunk(monkeypatch):
     # Force chunks of 2 samples: 7 samples -> chunks of 2, 2, 2, 1.
-    monkeypatch.setattr(_routing_torch, "_CHUNK_ELEMENTS", 2 * 4 * 5 * 3)
+    monkeypatch.setattr(torch_kernels, "_CHUNK_ELEMENTS", 2 * 4 * 5 * 3)
     u, weight, bias = _small_inputs(batch=7)
     v = fastcaps.dynamic_routing(u, weight, bias, backend="torch")
     v_ref = reference.dynamic_routing(u, weight, bias)
@@ -133,7 +135,32 @@ def test_fake_tensors_give_shapes_and_dtypes():
     with FakeTensorMode():
         u = torch.empty(6, 11, 4, dtype=torch.float16)
         weight = torch.empty(3, 11, 7, 4, dtype=torch.float16)
-        v, s, predictions = torch.ops.fastcaps.routing(u, weight, None, 2, False, "torch")
-        assert predictions.shape == (0,)
+        v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, None, 2, False, "torch")
+        assert kept_u_hat.shape == (0,)
         assert v.shape == (6, 3, 7) and v.dtype == torch.float16
         assert s.shape == (6, 2, 3, 7) and s.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_fake_gives_the_kernels_kept_u_hat_size(backend, batch):
+    """torch.compile plans with the fake: its kept_u_hat must be the forward's, whatever the
+    kernel keeps (the C++ kernels keep u_hat up to 4 samples, in their own lane layout)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = torch.ops.fastcaps.routing(torch.randn(batch, 21, 2), torch.randn(4, 21, 3, 2), None, 3, False, backend)
+    with FakeTensorMode():
+        fake = torch.ops.fastcaps.routing(torch.empty(batch, 21, 2), torch.empty(4, 21, 3, 2), None, 3, False, backend)
+    assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real]
+    assert [t.dtype for t in fake] == [t.dtype for t in real]
+
+
+def test_every_backend_with_kernels_has_them_where_the_registry_says():
+    for name, entry in backends.REGISTRY.items():
+        if entry.kernel_package is None:
+            with pytest.raises(ValueError, match=f"backend={name!r} has no kernel"):
+                backends.kernels(name)
+        elif name in fastcaps.available_backends("cpu") or name == "torch":
+            found = backends.kernels(name)
+            assert isinstance(found, fastcaps.kernels.RoutingKernels)
+            assert found.forward.__module__ == f"fastcaps.kernels.{entry.kernel_package}.dynamic_routing"

@@ -12,9 +12,10 @@ import textwrap
 import pytest
 import torch
 
-from fastcaps import cli
-from fastcaps import train as T
-from fastcaps.data import load_sklearn_digits
+from fastcaps.tools import cli
+from fastcaps.tools import train as T
+from fastcaps.tools.train import loop
+from fastcaps.tools.train.data import load_sklearn_digits
 from fastcaps.nn import CapsuleLoss
 
 TINY = dict(limit=96, batch_size=16, conv_channels=8, primary_channels=2, progress=False)
@@ -123,12 +124,13 @@ _DDP_GRADIENTS = textwrap.dedent("""
     import sys
     import torch
     import torch.distributed as dist
-    from fastcaps import train as T
     from fastcaps.nn import CapsuleLoss
+    from fastcaps.tools import train as T
+    from fastcaps.tools.train import distributed, loop
 
     config = T.TrainConfig(conv_channels=8, primary_channels=2)
-    processes = T._start_processes(torch.device("cpu"))
-    model = T._model(config, torch.device("cpu"))
+    processes = distributed.start_processes(torch.device("cpu"))
+    model = loop.build_model(config, torch.device("cpu"))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     batch = torch.load(sys.argv[1])
     images = T.process_slice(batch["images"], processes)
@@ -153,7 +155,7 @@ def test_ddp_gradients_equal_one_process_on_the_combined_batch(tmp_path):
     assert torch.equal(torch.cat(halves), batch["images"]) and len(halves[0]) == 6
 
     config = T.TrainConfig(conv_channels=8, primary_channels=2)
-    model = T._model(config, torch.device("cpu"))
+    model = loop.build_model(config, torch.device("cpu"))
     CapsuleLoss()(model(batch["images"], batch["labels"]), batch["images"], batch["labels"]).backward()
     for name, parameter in model.named_parameters():
         scale = float(parameter.grad.abs().max())

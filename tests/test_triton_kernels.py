@@ -7,6 +7,7 @@ checks what the interpreter cannot: that every kernel compiles for a real GPU, a
 registers, at every configuration the launcher can pick.
 """
 
+import functools
 import itertools
 import json
 import os
@@ -17,7 +18,9 @@ import pytest
 import torch
 
 import fastcaps
-from fastcaps import backends, check
+from fastcaps import backends, reference
+from fastcaps.cases import RoutingShape, make_inputs
+from fastcaps.tools import check
 
 pytestmark = pytest.mark.skipif(
     "triton" not in fastcaps.available_backends("cuda" if torch.cuda.is_available() else "cpu"),
@@ -26,17 +29,18 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# Odd shapes (B, I, J, D, Din): single capsules, non-powers of two, and B = 17, which takes
-# the 16-sample tl.dot configuration and leaves a 1-sample block.
-SMALL_SHAPES = [(1, 1, 1, 1, 1), (3, 7, 3, 5, 3), (2, 33, 4, 12, 4), (17, 9, 10, 16, 8)]
+# Odd shapes: single capsules, non-powers of two, and B = 17, which takes the 16-sample
+# tl.dot configuration and leaves a 1-sample block.
+SMALL_SHAPES = [RoutingShape(1, 1, 1, 1, 1), RoutingShape(3, 7, 3, 3, 5), RoutingShape(2, 33, 4, 4, 12),
+                RoutingShape(17, 9, 8, 10, 16)]
 OPTIONS = [(r, detach, bias) for r, detach, bias in itertools.product((1, 2, 3), (False, True), (False, True))
            if not (r == 1 and detach)]  # r = 1 with detach is r = 1 without it
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: f"r{o[0]}{'-detach' if o[1] else ''}{'-bias' if o[2] else ''}")
-@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "B{}-I{}-J{}-D{}-Din{}".format(*s))
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: str(s).replace(" ", "-"))
 def test_values_and_gradients_match_the_reference(shape, options):
-    case = check.Case(*shape, *options)
+    case = check.Case(shape, *options)
     seed = SMALL_SHAPES.index(shape) * 100 + OPTIONS.index(options)
     oracle = check.oracle_for(case, seed)
     for dtype in (torch.float32, torch.float64):
@@ -45,17 +49,20 @@ def test_values_and_gradients_match_the_reference(shape, options):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 7, 3, 5, 3), (17, 40, 5, 8, 4)], ids=["small-blocks", "tl.dot"])
+@pytest.mark.parametrize("shape", [RoutingShape(3, 7, 3, 3, 5), RoutingShape(17, 40, 4, 5, 8)],
+                         ids=["small-blocks", "tl.dot"])
 def test_half_inputs_accumulate_in_float32(shape, dtype):
     """|kernel - ref64| <= 2 |ref_same_dtype - ref64| + atol, and outputs keep the dtype."""
-    case = check.Case(*shape, 3, False, True)
-    u, weight, bias, grad_v = check.make_inputs(case, seed=7)
+    u, weight, bias, grad_v = make_inputs(shape, seed=7, bias=True)
     exact = [t.clone().requires_grad_() for t in (u, weight, bias)]
     low = [t.detach().to(dtype).requires_grad_() for t in (u, weight, bias)]
     on_device = [t.detach().to(dtype).to(DEVICE).requires_grad_() for t in (u, weight, bias)]
     results = []
-    for leaves, backend in ((exact, "reference"), (low, "reference"), (on_device, "triton")):
-        v = fastcaps.dynamic_routing(*leaves, iterations=3, backend=backend)
+    # The same-dtype baseline is the reference computed in the half dtype (no upcast).
+    routes = ((exact, reference.dynamic_routing), (low, reference.dynamic_routing),
+              (on_device, functools.partial(fastcaps.dynamic_routing, backend="triton")))
+    for leaves, route in routes:
+        v = route(*leaves, iterations=3)
         assert v.dtype == leaves[0].dtype
         grads = torch.autograd.grad(v, leaves, grad_v.to(v.dtype).to(v.device))
         assert all(g.dtype == leaf.dtype for g, leaf in zip(grads, leaves))
@@ -65,8 +72,7 @@ def test_half_inputs_accumulate_in_float32(shape, dtype):
 
 
 def _inputs(shape, dtype=torch.float32, seed=0):
-    case = check.Case(*shape, 3, False, True)
-    return [t.to(dtype).to(DEVICE) for t in check.make_inputs(case, seed)]
+    return list(make_inputs(shape, seed, bias=True, dtype=dtype, device=DEVICE))
 
 
 def _forward_backward(u, weight, bias, grad_v, backend="triton"):
@@ -84,13 +90,11 @@ def _without_interpreter() -> dict:
 def test_capsule_chunks_sum_to_the_same_result(processors, monkeypatch):
     """The partition into chunks (one per program) changes only the order of float32 sums,
     and each partition is deterministic: the same call twice gives the same bits."""
-    from fastcaps import _routing_triton
+    from fastcaps.kernels.triton import configs
 
-    monkeypatch.setattr(_routing_triton, "_processors", lambda device: processors)
-    shape = (3, 29, 4, 6, 3)
-    inputs = _inputs(shape)
-    per_chunk, chunks = _routing_triton.capsule_chunks(3, 29, _routing_triton.pass_config(3, torch.float32).block_b,
-                                                       processors)
+    monkeypatch.setattr(configs, "processors", lambda device: processors)
+    inputs = _inputs(RoutingShape(3, 29, 3, 4, 6))
+    per_chunk, chunks = configs.capsule_chunks(3, 29, configs.pass_config(3, torch.float32).block_b, processors)
     assert chunks == {1: 2, 3: 6, 40: 29}[processors] and per_chunk * chunks >= 29
     first, second = _forward_backward(*inputs), _forward_backward(*inputs)
     for a, b in zip(first, second):
@@ -101,7 +105,7 @@ def test_capsule_chunks_sum_to_the_same_result(processors, monkeypatch):
 
 
 def test_capsule_chunks_cover_every_capsule_once():
-    from fastcaps._routing_triton import capsule_chunks
+    from fastcaps.kernels.triton.configs import capsule_chunks
 
     for batch, in_caps, block, processors in itertools.product((1, 5, 64, 512), (0, 1, 7, 1152), (1, 16), (1, 132)):
         per_chunk, chunks = capsule_chunks(batch, in_caps, block, processors)
@@ -114,15 +118,16 @@ def test_capsule_chunks_cover_every_capsule_once():
 # runs below with a small MAX_LAUNCH_ROWS.
 @pytest.mark.parametrize("count", [1, 2 ** 30, 2 ** 30 + 1, 2 ** 31 - 1, 2 ** 31, 2 ** 33 + 5])
 def test_launches_past_2_31_rows_are_split_within_cuda_grid_limits(count):
-    from fastcaps._routing_triton import MAX_GRID_X, MAX_GRID_Y, MAX_LAUNCH_ROWS, launch_ranges, pass_plan
+    from fastcaps.kernels.triton.configs import MAX_GRID_X, MAX_GRID_Y, MAX_LAUNCH_ROWS, launch_ranges, pass_plan
 
-    ranges = launch_ranges(count)
-    assert ranges[0][0] == 0 and ranges[-1][1] == count
-    assert all(stop == next_start for (_, stop), (next_start, _) in zip(ranges, ranges[1:]))
     for dtype, processors, in_caps in itertools.product((torch.float32, torch.float64), (1, 132, 2000),
                                                         (1, 1152, 2 ** 31 + 3)):
         plan = pass_plan(count, in_caps, dtype, processors)
         assert plan.per_chunk * plan.chunks >= in_caps
+        ranges = launch_ranges(count, plan.config.block_b)
+        assert ranges[0][0] == 0 and ranges[-1][1] == count
+        assert all(stop == next_start for (_, stop), (next_start, _) in zip(ranges, ranges[1:]))
+        assert all(start % plan.config.block_b == 0 for start, _ in ranges)
         for start, stop in ranges:
             rows = stop - start
             assert 1 <= rows <= MAX_LAUNCH_ROWS <= MAX_GRID_X  # the reduction and final grids: a program per row
@@ -131,22 +136,26 @@ def test_launches_past_2_31_rows_are_split_within_cuda_grid_limits(count):
             assert blocks * plan.config.block_b < 2 ** 31  # program id x BLOCK_B, taken in int32
 
 
-@pytest.mark.parametrize("shape", [(5, 7, 3, 5, 3), (17, 5, 4, 6, 2)], ids=["blocks-of-1", "tl.dot"])
+@pytest.mark.parametrize("shape", [RoutingShape(5, 7, 3, 3, 5), RoutingShape(33, 5, 2, 4, 6)],
+                         ids=["blocks-of-4", "tl.dot"])
 def test_split_launches_give_the_same_bits(shape, monkeypatch):
-    """Ranges of 2 samples and 2 capsules per launch: every kernel runs several times, on
-    views into the batch, and the results equal one launch's."""
-    from fastcaps import _routing_triton
+    """At most 2 samples (rounded up to a whole sample block: 4 and 16 here) and 2 capsules
+    per launch: every kernel runs several times, on views into the batch, and the
+    results equal one launch's. A launch starts on a block boundary, so every sample keeps
+    its row in its program's tile (configs.launch_ranges says why that matters)."""
+    from fastcaps.kernels.triton import configs
 
     inputs = _inputs(shape, seed=3)
     whole = _forward_backward(*inputs)
-    monkeypatch.setattr(_routing_triton, "MAX_LAUNCH_ROWS", 2)
-    assert len(_routing_triton.launch_ranges(shape[0])) > 2
+    block = configs.pass_config(shape.batch, torch.float32).block_b
+    monkeypatch.setattr(configs, "MAX_LAUNCH_ROWS", 2)
+    assert len(configs.launch_ranges(shape.batch, block)) >= 2 and len(configs.launch_ranges(shape.in_caps)) > 2
     for a, b in zip(whole, _forward_backward(*inputs)):
         assert torch.equal(a, b)
 
 
 def test_launch_configuration_depends_on_the_shape_only():
-    from fastcaps._routing_triton import PASS_CONFIGS, pass_config
+    from fastcaps.kernels.triton.configs import PASS_CONFIGS, pass_config
 
     assert pass_config(1, torch.float32).block_b == 1
     assert pass_config(17, torch.float32).block_b == 16
@@ -159,7 +168,7 @@ def test_launch_configuration_depends_on_the_shape_only():
 # the frozen-coupling forward. fast_mode projects on random directions: the interpreter is slow.
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_gradcheck_float64(iterations):
-    u, weight, bias, _ = _inputs((2, 5, 3, 4, 2), torch.float64)
+    u, weight, bias, _ = _inputs(RoutingShape(2, 5, 2, 3, 4), torch.float64)
     inputs = [t.requires_grad_() for t in (u, weight, bias)]
 
     def route(u, weight, bias):
@@ -169,16 +178,16 @@ def test_gradcheck_float64(iterations):
 
 
 def test_opcheck():
-    u, weight, bias, grad_v = _inputs((3, 5, 4, 3, 2), torch.float32)
+    u, weight, bias, grad_v = _inputs(RoutingShape(3, 5, 2, 4, 3), torch.float32)
     torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, "triton"))
-    v, s, predictions = torch.ops.fastcaps.routing(u, weight, bias, 3, False, "triton")
-    assert predictions.numel() == 0  # the Triton backward recomputes u_hat
+    v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, bias, 3, False, "triton")
+    assert kept_u_hat.numel() == 0  # the Triton backward recomputes u_hat
     torch.library.opcheck(torch.ops.fastcaps.routing_backward.default,
-                          (grad_v, u, weight, bias, s, predictions, 3, False, "triton"))
+                          (grad_v, u, weight, bias, s, kept_u_hat, 3, False, "triton"))
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    u, weight, bias, grad_v = _inputs((3, 7, 3, 5, 3))
+    u, weight, bias, grad_v = _inputs(RoutingShape(3, 7, 3, 3, 5))
 
     def step(u, weight, bias):
         return fastcaps.dynamic_routing(u, weight, bias, 3, backend="triton").square().sum()
@@ -193,7 +202,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_empty_batch():
-    u, weight, bias, _ = _inputs((2, 5, 3, 4, 2))
+    u, weight, bias, _ = _inputs(RoutingShape(2, 5, 2, 3, 4))
     u = u[:0].requires_grad_()
     weight.requires_grad_()
     v = fastcaps.dynamic_routing(u, weight, bias, backend="triton")
@@ -204,7 +213,7 @@ def test_empty_batch():
 
 def test_squash_is_finite_for_zero_and_huge_inputs():
     """u = 0 makes s = 0 (squash and its gradient at exactly zero); huge W makes |s| ~ 1e30."""
-    u, weight, _, grad_v = _inputs((2, 5, 3, 4, 2))
+    u, weight, _, grad_v = _inputs(RoutingShape(2, 5, 2, 3, 4))
     for u_, w_ in ((torch.zeros_like(u), weight), (u, weight * 1e30)):
         value, *grads = _forward_backward(u_, w_, torch.zeros(3, 4, device=DEVICE), grad_v)
         assert all(torch.isfinite(t).all() for t in (value, *grads))
@@ -239,7 +248,7 @@ def test_ahead_of_time_compilation_for_sm80_and_sm90_without_spills(tmp_path):
     """Every kernel at every launch configuration for the MNIST capsule dimensions compiles
     to a cubin for sm_80 and sm_90 and keeps its registers (no local-memory spills)."""
     report = tmp_path / "aot.json"
-    result = subprocess.run([sys.executable, "-m", "fastcaps.triton_aot", "--json", str(report)],
+    result = subprocess.run([sys.executable, "-m", "fastcaps", "aot", "--json", str(report)],
                             capture_output=True, text=True, env=_without_interpreter(), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     compiled = json.loads(report.read_text())
@@ -256,7 +265,7 @@ def test_ahead_of_time_compilation_at_odd_capsule_dimensions(dims):
     """Other capsule dimensions give other padded tiles (1-wide ones, tl.dot with 32 columns):
     every configuration still compiles for sm_90 without spilling."""
     out_caps, out_dim, in_dim = dims
-    result = subprocess.run([sys.executable, "-m", "fastcaps.triton_aot", "--arch", "90", "--out-caps", str(out_caps),
+    result = subprocess.run([sys.executable, "-m", "fastcaps.tools.aot", "--arch", "90", "--out-caps", str(out_caps),
                              "--out-dim", str(out_dim), "--in-dim", str(in_dim)],
                             capture_output=True, text=True, env=_without_interpreter(), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -266,13 +275,13 @@ def test_ahead_of_time_compilation_at_odd_capsule_dimensions(dims):
 @cuda_only
 @pytest.mark.parametrize("batch", [1, 128])
 def test_mnist_shape_on_cuda(batch):
-    case = check.Case(batch, 1152, 10, 16, 8, 3, False, True)
+    case = check.Case(RoutingShape(batch, 1152, 8, 10, 16), 3, False, True)
     row = check.check_case("triton", case, torch.float32, seed=batch, device="cuda")
     assert row.passed, check.format_row(row)
 
 
 @cuda_only
 def test_cuda_results_are_bitwise_repeatable():
-    inputs = _inputs((64, 1152, 10, 16, 8))
+    inputs = _inputs(RoutingShape(64, 1152, 8, 10, 16))
     first, second = _forward_backward(*inputs), _forward_backward(*inputs)
     assert all(torch.equal(a, b) for a, b in zip(first, second))

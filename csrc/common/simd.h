@@ -1,0 +1,166 @@
+// SIMD building blocks shared by the CPU kernels: GCC vector types of 64 bytes (16 floats or
+// 8 doubles), the function-multiversioning macros, a lane-wise exp, 64-byte aligned arrays,
+// in-register transposes, tile loads and stores, and prefetch.
+//
+// Include from one translation unit per op: the helpers are forced inline so that each
+// instruction-set clone of a kernel (FASTCAPS_CLONES) compiles them for its own ISA.
+
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <utility>
+// The hot functions are compiled three times, for AVX-512 (x86-64-v4), AVX2+FMA
+// (x86-64-v3) and baseline x86-64, and the dynamic loader picks the best one the machine
+// runs (GCC function multi-versioning). The build itself stays portable: no -march=native.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FASTCAPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTCAPS_CLONES
+#endif
+// Helpers are forced inline so that each clone compiles them for its own instruction set.
+#define FASTCAPS_INLINE inline __attribute__((always_inline))
+
+namespace fastcaps {
+namespace {
+
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(64)));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> integer;
+  typedef integer ivec __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 64 / sizeof(T);
+};
+template <typename T>
+using Vec = typename Simd<T>::vec;
+template <typename T>
+constexpr int64_t kLanes = Simd<T>::lanes;
+
+// 1/k! for k <= degree, computed at compile time.
+template <typename T, int degree>
+constexpr std::array<T, degree + 1> inverse_factorials() {
+  std::array<T, degree + 1> out{};
+  out[0] = T(1);
+  for (int k = 1; k <= degree; ++k) out[k] = out[k - 1] / T(k);
+  return out;
+}
+
+// exp(x) for x <= 0 (a logit minus the row's largest), lane-wise: 2^n * p(r) with
+// r = x - n ln2 in [-ln2/2, ln2/2] and p its Taylor polynomial, degree 7 for float
+// (error 5e-9 relative) and 13 for double (4e-18). NaN stays NaN.
+template <typename T>
+FASTCAPS_INLINE Vec<T> exp_nonpositive(Vec<T> x) {
+  using IVec = typename Simd<T>::ivec;
+  constexpr bool single = sizeof(T) == 4;
+  constexpr int degree = single ? 7 : 13;
+  constexpr int mantissa_bits = single ? 23 : 52;
+  constexpr typename Simd<T>::integer exponent_bias = single ? 127 : 1023;
+  // Below this, exp underflows; clamping keeps 2^n a normal number (the error, ~1e-38 or
+  // ~1e-308 absolute, is below anything a softmax of largest term 1 can resolve).
+  const T lowest = single ? T(-87) : T(-708);
+  const T round_magic = single ? T(12582912.0) : T(6755399441055744.0);  // 1.5 * 2^mantissa_bits
+  const T log2e = T(1.4426950408889634), ln2_hi = T(0.693145751953125), ln2_lo = T(1.428606765330187e-06);
+  x = x < lowest ? lowest : x;
+  const Vec<T> n = (x * log2e + round_magic) - round_magic;  // round to nearest
+  const Vec<T> r = (x - n * ln2_hi) - n * ln2_lo;
+  constexpr std::array<T, degree + 1> inverse_factorial = inverse_factorials<T, degree>();
+  Vec<T> p = r * inverse_factorial[degree] + inverse_factorial[degree - 1];
+  for (int k = degree - 2; k >= 0; --k) p = p * r + inverse_factorial[k];
+  const IVec exponent = (__builtin_convertvector(n, IVec) + exponent_bias) << mantissa_bits;
+  return p * (Vec<T>)exponent;  // a vector cast reinterprets the bits
+}
+
+// n vectors, 64-byte aligned (std::vector<Vec<T>> drops the vector type's alignment, and
+// aligned vector loads of misaligned memory fault). Not initialized: users write before reading.
+template <typename T>
+class LaneArray {
+ public:
+  explicit LaneArray(int64_t n = 0) : size_(n), memory_(std::aligned_alloc(64, std::max<int64_t>(n, 1) * 64)) {
+    TORCH_CHECK(memory_ != nullptr, "routing_cpu: out of memory allocating ", n * 64, " bytes");
+  }
+  Vec<T>* data() const { return static_cast<Vec<T>*>(memory_.get()); }
+  int64_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(void* memory) const { std::free(memory); }
+  };
+  int64_t size_;
+  std::unique_ptr<void, Free> memory_;
+};
+
+template <typename T>
+FASTCAPS_INLINE T lane_sum(const Vec<T>& v) {
+  T total = T(0);
+  for (int64_t l = 0; l < kLanes<T>; ++l) total += v[l];
+  return total;
+}
+
+// Lane permutation for one butterfly stage of an L x L transpose: rows a and b = a + h
+// become [a, b] shuffled by these indices (0..L-1 from a, L..2L-1 from b).
+template <typename T, int64_t h, bool second, std::size_t... lane>
+constexpr typename Simd<T>::ivec butterfly_indices(std::index_sequence<lane...>) {
+  using Index = typename Simd<T>::integer;
+  using Indices = typename Simd<T>::ivec;
+  constexpr int64_t L = kLanes<T>;
+  constexpr auto source = [](int64_t x) { return second ? ((x & h) ? L + x : x + h) : ((x & h) ? L + x - h : x); };
+  return Indices{static_cast<Index>(source(static_cast<int64_t>(lane)))...};
+}
+
+// Transposes an L x L tile held as L row vectors, in place: log2(L) stages of two-vector
+// shuffles instead of L * L scalar moves.
+template <typename T, int64_t h = kLanes<T> / 2>
+FASTCAPS_INLINE void transpose(Vec<T>* rows) {
+  constexpr auto lanes = std::make_index_sequence<kLanes<T>>{};
+  constexpr typename Simd<T>::ivec first = butterfly_indices<T, h, false>(lanes);
+  constexpr typename Simd<T>::ivec second = butterfly_indices<T, h, true>(lanes);
+  for (int64_t a = 0; a < kLanes<T>; ++a) {
+    if (a & h) continue;
+    const Vec<T> top = rows[a], bottom = rows[a + h];
+    rows[a] = __builtin_shuffle(top, bottom, first);
+    rows[a + h] = __builtin_shuffle(top, bottom, second);
+  }
+  if constexpr (h > 1) transpose<T, h / 2>(rows);
+}
+
+// rows[l][c] = src[l * stride + c] for l < used and c < columns; zero elsewhere.
+template <typename T>
+FASTCAPS_INLINE void load_tile(const T* src, int64_t stride, int64_t used, int64_t columns, Vec<T>* rows) {
+  for (int64_t l = 0; l < kLanes<T>; ++l) {
+    rows[l] = Vec<T>{};
+    if (l >= used) continue;
+    if (columns == kLanes<T>)
+      std::memcpy(&rows[l], src + l * stride, sizeof(Vec<T>));
+    else
+      for (int64_t c = 0; c < columns; ++c) rows[l][c] = src[l * stride + c];
+  }
+}
+
+// dst[l * stride + c] = rows[l][c] for l < used and c < columns.
+template <typename T>
+FASTCAPS_INLINE void store_tile(const Vec<T>* rows, int64_t used, int64_t columns, T* dst, int64_t stride) {
+  for (int64_t l = 0; l < used; ++l) {
+    if (columns == kLanes<T>)
+      std::memcpy(dst + l * stride, &rows[l], sizeof(Vec<T>));
+    else
+      for (int64_t c = 0; c < columns; ++c) dst[l * stride + c] = rows[l][c];
+  }
+}
+
+// Asks for values [start, start + count) ahead of their use, a cache line at a time: W's
+// next run, read while this one is, so that a cold W streams from memory.
+template <typename T>
+FASTCAPS_INLINE void prefetch(const T* start, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(start);
+  for (int64_t byte = 0; byte < count * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(bytes + byte);
+}
+
+}  // namespace
+}  // namespace fastcaps

@@ -1,0 +1,216 @@
+// The backward of the C++ dynamic-routing kernels (DESIGN.md section 3): phase A, per sample,
+// the r - 1 reverse passes giving sigma_t = dL/ds_t; phase B, per block of input capsules,
+// grad u and grad W, from a recomputed u_hat, or from the kept one (small batches).
+
+#pragma once
+
+#include "passes.h"
+#include "rows.h"
+#include "squash.h"
+#include "tuning.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace fastcaps {
+namespace {
+
+// Per-sample routing state the backward needs: V_{t-1} and sigma_t = dL/ds_t, (B, r, jd) each.
+template <typename T>
+struct BackwardState {
+  int64_t iterations, jd, first;  // first: the first iteration that carries gradient
+  bool detach_routing;
+  std::vector<T> v_sum, sigma;
+  const T* v_sum_at(int64_t b, int64_t t) const { return t == 0 ? nullptr : v_sum.data() + (b * iterations + t) * jd; }
+  const T* sigma_at(int64_t b, int64_t t) const { return sigma.data() + (b * iterations + t) * jd; }
+};
+
+// g = dL/du_hat of sample b for one block of capsules (jd vectors), from its u_hat.
+template <typename T>
+FASTCAPS_INLINE void prediction_gradients(const Dims& d, const BackwardState<T>& state, int64_t b, const Vec<T>* uh,
+                                          Scratch<T>& scratch, Vec<T>* g) {
+  const int64_t J = d.out_caps, D = d.out_dim;
+  Vec<T>* c = scratch.couplings.data();
+  Vec<T>* delta = scratch.logit_grads.data();
+  std::fill(g, g + J * D, Vec<T>{});
+  for (int64_t t = state.first; t < d.iterations; ++t) {
+    const T* v_sum = state.v_sum_at(b, t);
+    const T* sigma = state.sigma_at(b, t);
+    couplings<T>(uh, v_sum, J, D, c);
+    // g += c_j sigma_t + delta_j V_{t-1}: through s_t, and through the logits of iteration t.
+    if (v_sum != nullptr && !state.detach_routing) {
+      logit_gradients<T>(uh, sigma, c, J, D, delta);
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t dd = 0; dd < D; ++dd) g[j * D + dd] += c[j] * sigma[j * D + dd] + delta[j] * v_sum[j * D + dd];
+    } else {
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t dd = 0; dd < D; ++dd) g[j * D + dd] += c[j] * sigma[j * D + dd];
+    }
+  }
+}
+
+// Phase B for one block of capsules, the batch in order: g = dL/du_hat (from the kept u_hat
+// if there is one, else recomputed), then grad u = W^T g and grad W += u g^T, written in the
+// caller's layouts.
+template <typename T>
+FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& state, const Vec<T>* kept_u_hat,
+                                    int64_t blk, Scratch<T>& scratch, T* grad_u, T* grad_weight) {
+  const Dims& d = p.d;
+  const int64_t Din = d.in_dim, jd = p.jd;
+  const Vec<T>* w = scratch.packed_weight(p, blk, blk + 1);  // read for every sample of the batch
+  const Vec<T>* uh;
+  Vec<T>* gw = scratch.weight_grad.data();
+  Vec<T>* grad_x = scratch.input_grad.data();
+  std::fill(gw, gw + Din * jd, Vec<T>{});
+  for (int64_t b = 0; b < d.batch; ++b) {
+    const Vec<T>* x = p.input_block(b, blk);
+    Vec<T>* g = scratch.row_grad.data();
+    if (kept_u_hat != nullptr) {
+      uh = kept_u_hat + (b * p.blocks + blk) * jd;
+    } else {
+      predict<T>(x, w, Din, jd, scratch.row.data());
+      uh = scratch.row.data();
+    }
+    prediction_gradients(d, state, b, uh, scratch, g);
+    // grad u[e] = sum_k w[e, k] * g[k], four partial sums to keep the adds independent.
+    for (int64_t e = 0; e < Din; ++e) {
+      const Vec<T>* we = w + e * jd;
+      Vec<T> acc[4] = {};
+      int64_t k = 0;
+      for (; k + 4 <= jd; k += 4)
+        for (int64_t r = 0; r < 4; ++r) acc[r] += we[k + r] * g[k + r];
+      for (; k < jd; ++k) acc[0] += we[k] * g[k];
+      grad_x[e] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+    unpack_input_block(d, grad_x, b, blk, grad_u);
+    // grad W[e, k] += u[b, e] g[k], over the batch in order.
+    for (int64_t e = 0; e < Din; ++e) {
+      const Vec<T> xe = x[e];
+      Vec<T>* gwe = gw + e * jd;
+      for (int64_t k = 0; k < jd; ++k) gwe[k] += xe * g[k];
+    }
+  }
+  unpack_weight_block(d, p.offset.data(), gw, blk, grad_weight);
+}
+
+// Phase B for one block when the forward kept u_hat (small batches): g for every sample
+// from the kept u_hat, turned capsule-major, then per output capsule j and capsule i,
+// straight from W in its own layout:
+//   grad W[j, i] = sum_b g[b, i, j] u[b, i]^T (batch order), grad u[b, i] += W[j, i]^T g[b, i, j].
+// W and grad W are read and written in order with no transpose: at these batches moving W is
+// most of the call. Where Din is a power of two that is done a vector at a time
+// (gradient_rows); otherwise a value at a time, the block's run of W[j] for each j in turn.
+// capsule_grads holds B * kLanes * jd values and kLanes of padding.
+template <typename T>
+FASTCAPS_CLONES void gradient_block_from_kept(const Packed<T>& p, const BackwardState<T>& state,
+                                              const Vec<T>* kept_u_hat, const T* u, int64_t blk,
+                                              Scratch<T>& scratch, T* capsule_grads, T* grad_u, T* grad_weight) {
+  const Dims& d = p.d;
+  const int64_t L = kLanes<T>, I = d.in_caps, Din = d.in_dim, J = d.out_caps, D = d.out_dim, jd = p.jd;
+  const int64_t used = std::min(L, I - blk * L);
+  Vec<T>* g = scratch.row_grad.data();
+  for (int64_t b = 0; b < d.batch; ++b) {
+    prediction_gradients(d, state, b, kept_u_hat + (b * p.blocks + blk) * jd, scratch, g);
+    unpack_lanes(g, jd, used, capsule_grads + b * L * jd, jd);  // capsule l's g at row b * L + l
+  }
+  for (int64_t b = 0; b < d.batch; ++b)
+    std::fill(grad_u + (b * I + blk * L) * Din, grad_u + (b * I + blk * L + used) * Din, T(0));
+  if (!p.row_outputs.empty()) {  // Din a power of two: by rows, as the forward predicted
+    with_segment_length<T>(Din, [&](auto segment) __attribute__((always_inline)) {
+      gradient_rows<T, segment()>(d, p.weight, u, capsule_grads, blk, grad_u, grad_weight);
+    });
+    return;
+  }
+  // j outermost: the block's capsules of W[j] (and of grad W[j]) are one contiguous run.
+  for (int64_t j = 0; j < J; ++j) {
+    if (j + 1 < J) prefetch(p.weight + ((j + 1) * I + blk * L) * D * Din, used * D * Din);
+    for (int64_t l = 0; l < used; ++l) {
+      const int64_t i = blk * L + l;
+      const T* w = p.weight + (j * I + i) * D * Din;
+      T* gw = grad_weight + (j * I + i) * D * Din;
+      for (int64_t b = 0; b < d.batch; ++b) {
+        const T* g_bij = capsule_grads + (b * L + l) * jd + j * D;
+        const T* x = u + (b * I + i) * Din;
+        T* gu = grad_u + (b * I + i) * Din;
+        for (int64_t dd = 0; dd < D; ++dd) {
+          const T gd = g_bij[dd];
+          const T* wd = w + dd * Din;
+          T* gwd = gw + dd * Din;
+          for (int64_t e = 0; e < Din; ++e) gu[e] += gd * wd[e];
+          if (b == 0)
+            for (int64_t e = 0; e < Din; ++e) gwd[e] = gd * x[e];
+          else
+            for (int64_t e = 0; e < Din; ++e) gwd[e] += gd * x[e];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach_routing, const Vec<T>* kept_u_hat,
+                     const T* u, T* grad_u, T* grad_weight, T* grad_bias) {
+  const Dims& d = p.d;
+  const int64_t B = d.batch, J = d.out_caps, D = d.out_dim, jd = p.jd, r = d.iterations;
+  BackwardState<T> state{r, jd, detach_routing ? r - 1 : 0, detach_routing, std::vector<T>(B * r * jd, T(0)),
+                         std::vector<T>(B * r * jd, T(0))};
+  const auto s_at = [&](int64_t b, int64_t t) { return s_all + (b * r + t) * jd; };
+
+  // V_{t-1} as the forward built it (same squash, same order: bitwise the same), and
+  // sigma_{r-1} from grad v.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> v(jd);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t t = 1; t < r; ++t) {
+        squash(s_at(b, t - 1), J, D, v.data());
+        T* v_sum = state.v_sum.data() + (b * r + t) * jd;  // V_{t-1} = V_{t-2} + v_{t-1}
+        const T* before = v_sum - jd;                         // V_{t-2}, all zeros at t = 1
+        for (int64_t k = 0; k < jd; ++k) v_sum[k] = before[k] + v[k];
+      }
+      squash_backward(s_at(b, r - 1), grad_v + b * jd, J, D, state.sigma.data() + (b * r + r - 1) * jd);
+    }
+  });
+
+  // Phase A: pass k runs backward through iteration t = r-1-k, giving G = dL/dV_{t-1};
+  // then dL/dv_{t-1} = the sum of the G so far, and sigma_{t-1} from it.
+  std::vector<T> grad_v_sum(B * jd, T(0));
+  auto pass_of = [&](int64_t b, int64_t k, int64_t chunk) {
+    const int64_t t = r - 1 - k;
+    return Pass<T>{b, chunk, k == 0 && kept_u_hat == nullptr, state.v_sum_at(b, t), state.sigma_at(b, t)};
+  };
+  auto finish = [&](int64_t b, int64_t k, const T* partials) {
+    const int64_t t = r - 1 - k;
+    std::vector<T> grad_v_sum_t(jd);
+    sum_chunks(partials, p.chunks, jd, grad_v_sum_t.data());
+    T* total = grad_v_sum.data() + b * jd;
+    for (int64_t q = 0; q < jd; ++q) total[q] += grad_v_sum_t[q];
+    squash_backward(s_at(b, t - 1), total, J, D, state.sigma.data() + (b * r + t - 1) * jd);
+  };
+  // Reads the kept u_hat when there is one (run_passes writes only where it predicts).
+  run_passes(p, detach_routing ? 0 : r - 1, pass_of, finish, const_cast<Vec<T>*>(kept_u_hat));
+
+  // grad bias: every sigma_t that carries gradient, summed in a fixed order.
+  std::fill(grad_bias, grad_bias + jd, T(0));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = state.first; t < r; ++t)
+      for (int64_t k = 0; k < jd; ++k) grad_bias[k] += state.sigma_at(b, t)[k];
+
+  // Phase B: each block owned by one thread, so grad W is summed over the batch in order.
+  at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch(p);
+    if (kept_u_hat == nullptr || B > kNativeGradientSamples) {
+      for (int64_t blk = begin; blk < end; ++blk)
+        gradient_block(p, state, kept_u_hat, blk, scratch, grad_u, grad_weight);
+      return;
+    }
+    std::vector<T> capsule_grads(B * kLanes<T> * jd + kLanes<T>);  // padded for expand_segments
+    for (int64_t blk = begin; blk < end; ++blk)
+      gradient_block_from_kept(p, state, kept_u_hat, u, blk, scratch, capsule_grads.data(), grad_u, grad_weight);
+  });
+}
+
+}  // namespace
+}  // namespace fastcaps

@@ -1,0 +1,45 @@
+// The C++ dynamic-routing kernels' tuning thresholds, together, each with how it was chosen.
+// They change the schedule and so the order of some sums, never the arithmetic of a sample:
+// results stay bitwise the same for any thread count (tests/test_cpu_kernels.py).
+
+#pragma once
+
+#include <cstdint>
+
+namespace fastcaps {
+namespace {
+
+// Capsule sums are combined per chunk of this many blocks (64 MNIST capsules in float32):
+// the unit of work when few samples are split across threads. Chosen by reasoning, not by a
+// sweep: a chunk's packed W (4 blocks x Din x J*D vectors, 320 KB at the MNIST shape) fits
+// in a core's L2 beside the sample's u_hat, and the MNIST shape's 72 blocks give 18 chunks,
+// enough to balance 2 threads (not measured at 16 or more).
+constexpr int64_t kChunkBlocks = 4;
+
+// u_hat buffers are held for a group of samples at a time, at most this many bytes (11
+// MNIST samples in float32): each chunk's W is then packed once per group, and memory stays
+// bounded whatever the batch. Chosen by reasoning, not by a sweep: about a quarter of a
+// 32 MB L3, so the group's u_hat and W stay in cache across the r passes.
+constexpr int64_t kGroupBytes = int64_t(8) << 20;
+
+// Passes run one sample per thread, over a shared packed copy of W, from this many samples
+// per thread; below it, each pass is split over chunks of capsules (see run_passes). Set when
+// the two schedules were written (commit 4893281), by reasoning, not by a sweep: packing all
+// of W (5.9 MB at the MNIST shape) once per call pays off once each thread has a few samples
+// to route over it, and costs more than the routing at B = 1.
+constexpr int64_t kSamplesPerThread = 4;
+
+// Up to this many samples phase B reads W in its own layout (gradient_block_from_kept);
+// beyond, packing each block of W once for the batch costs less than its per-sample loops.
+// (Measured with the kept u_hat, alternating in one process: faster at B = 1 only.)
+constexpr int64_t kNativeGradientSamples = 1;
+
+// Batches of at most this many samples keep the forward's u_hat for the backward: up to 2.9 MB
+// at the MNIST shape, half of W. At these batches a call's cost is moving W (5.9 MB against
+// 0.7 MB of u_hat per sample); with u_hat kept the backward packs W at most once instead of
+// twice. Measured with benchmarks/small_batch_backward.py: 1.80x faster backward at B = 1,
+// 1.36x at B = 4. The Python launcher asks for it (routing_cpu_kept_layout).
+constexpr int64_t kKeepUHatSamples = 4;
+
+}  // namespace
+}  // namespace fastcaps

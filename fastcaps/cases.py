@@ -1,0 +1,87 @@
+"""The one shape record of a dynamic-routing call and the one factory of its inputs, shared by
+the launchers, ``fastcaps check``, ``fastcaps bench``, the ahead-of-time compile and the tests.
+
+Field order follows the tensors: u (batch, in_caps, in_dim) routes to v (batch, out_caps,
+out_dim) through weight (out_caps, in_caps, out_dim, in_dim).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .reference import squash
+
+__all__ = ["RoutingShape", "RoutingInputs", "make_inputs", "INITS"]
+
+
+@dataclass(frozen=True)
+class RoutingShape:
+    batch: int
+    in_caps: int
+    in_dim: int
+    out_caps: int
+    out_dim: int
+
+    @property
+    def u_shape(self) -> Tuple[int, int, int]:
+        return (self.batch, self.in_caps, self.in_dim)
+
+    @property
+    def weight_shape(self) -> Tuple[int, int, int, int]:
+        return (self.out_caps, self.in_caps, self.out_dim, self.in_dim)
+
+    @property
+    def v_shape(self) -> Tuple[int, int, int]:
+        return (self.batch, self.out_caps, self.out_dim)
+
+    @property
+    def capsules(self) -> str:
+        """The capsule dimensions without the batch, e.g. "1152x8 -> 10x16"."""
+        return f"{self.in_caps}x{self.in_dim} -> {self.out_caps}x{self.out_dim}"
+
+    def with_batch(self, batch: int) -> "RoutingShape":
+        return replace(self, batch=batch)
+
+    def __str__(self) -> str:
+        return f"B{self.batch} I{self.in_caps} Din{self.in_dim} J{self.out_caps} D{self.out_dim}"
+
+
+class RoutingInputs(NamedTuple):
+    u: Tensor  # (B, I, Din)
+    weight: Tensor  # (J, I, D, Din)
+    bias: Optional[Tensor]  # (J, D) or None
+    grad_v: Tensor  # (B, J, D): the gradient a backward is taken along
+
+
+# How the weights are drawn:
+# - "routing": predictions of length ~1, so the agreement logits are O(1) and the couplings
+#   move away from 1/J (what a correctness check needs to see);
+# - "digitcaps": DigitCaps' initialisation, std = J / sqrt(I D) (what a layer starts from).
+INITS = ("routing", "digitcaps")
+
+
+def make_inputs(shape: RoutingShape, seed: int, bias: bool = False, init: str = "routing",
+                dtype: torch.dtype = torch.float64, device="cpu") -> RoutingInputs:
+    """Inputs like squashed primary capsules (length < 1), drawn in float64 from a generator
+    seeded with ``seed`` on the CPU, then cast to ``dtype`` and moved to ``device``."""
+    if init not in INITS:
+        raise ValueError(f"make_inputs: init must be one of {INITS}, got {init!r}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*size, std=1.0):
+        return torch.randn(*size, generator=generator, dtype=torch.float64) * std
+
+    if init == "routing":
+        u = squash(normal(*shape.u_shape, std=2.0))
+        weight = normal(*shape.weight_shape, std=2.0 / math.sqrt(shape.out_dim))
+    else:
+        u = squash(normal(*shape.u_shape))
+        weight = normal(*shape.weight_shape, std=shape.out_caps / math.sqrt(shape.in_caps * shape.out_dim))
+    b = normal(shape.out_caps, shape.out_dim, std=0.5) if bias else None
+    grad_v = normal(*shape.v_shape)
+    return RoutingInputs(*(None if t is None else t.to(device=device, dtype=dtype) for t in (u, weight, b, grad_v)))

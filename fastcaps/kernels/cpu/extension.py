@@ -1,0 +1,64 @@
+"""Load the C++ extension once, at import, without ever compiling it here.
+
+If it is missing (a source checkout that was not installed) or stale (built against
+another torch), fastcaps still imports and the pure-PyTorch backends work; one warning
+says why and how to rebuild, and ``problem()`` returns that reason for error messages.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+REBUILD = "pip install --no-build-isolation -e .  (in the fastcaps source tree)"
+
+
+def _load() -> Optional[str]:
+    """Import fastcaps._C; return None if it works, else what is wrong with it."""
+    from . import dynamic_routing
+
+    try:
+        from ... import _C  # noqa: F401  (registers the C++ kernels)
+    except ImportError as error:
+        # An undefined symbol here almost always means the build is for another torch.
+        return f"the C++ extension fastcaps._C could not be loaded ({error})"
+    built = torch.ops.fastcaps._built_with_torch()
+    running = torch.__version__.split("+")[0]
+    if built != running:
+        return f"the C++ extension fastcaps._C was built against torch {built}, but torch {running} is running"
+    try:
+        dynamic_routing.define_schemas()
+    except RuntimeError as error:
+        # torch's message names the operator and the difference on lines of their own.
+        lines = [line.strip() for line in str(error).splitlines()]
+        reason = "; ".join(line for line in lines if line.startswith(("operator:", "reason:"))) or lines[0]
+        return f"the C++ extension fastcaps._C is stale: its kernels do not match this fastcaps's schemas ({reason})"
+    for op in _CPU_KERNELS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"):
+            # An extension built from older fastcaps sources loads but lacks this kernel.
+            return f"the C++ extension fastcaps._C is stale: it does not implement {op}"
+    for name in _CPU_QUERIES:
+        if not hasattr(torch.ops.fastcaps, name):
+            return f"the C++ extension fastcaps._C is stale: it does not define fastcaps::{name}"
+    dynamic_routing.read_kept_layout()
+    return None
+
+
+def problem() -> Optional[str]:
+    """None if the C++ extension is loaded and current, else why it is not usable."""
+    return _problem
+
+
+_CPU_KERNELS = ("fastcaps::routing_cpu_forward", "fastcaps::routing_cpu_backward")
+# Operators the extension defines in C++ (no dispatch key): a build from older sources lacks them.
+_CPU_QUERIES = ("_routing_cpu_kept_layout",)
+_problem = _load()
+if _problem is not None:
+    warnings.warn(
+        f"fastcaps: {_problem}. The C++ kernels are unavailable; the 'reference' and "
+        f"'torch' backends still work. Rebuild with: {REBUILD}",
+        RuntimeWarning,
+        stacklevel=2,
+    )

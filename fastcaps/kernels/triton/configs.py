@@ -1,0 +1,182 @@
+"""Launch configuration of the Triton dynamic-routing kernels: a table keyed on shapes only, so
+that for a given shape and device the partition, and so every bit of the result, is fixed.
+
+``Launch`` is one kernel with its compile-time arguments and warps. The launchers
+(fastcaps/kernels/triton/dynamic_routing.py) build every launch through the functions here,
+and ``launch_configurations`` lists every launch they can make at some capsule dimensions:
+the ahead-of-time compile (``python -m fastcaps.tools.aot``) compiles exactly those.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, NamedTuple, Tuple
+
+import torch
+import triton
+
+from ...cases import RoutingShape
+from . import routing_jit as jit
+
+
+class PassConfig(NamedTuple):
+    block_b: int  # samples per program
+    num_warps: int
+
+
+# Every configuration a pass can launch with; tests compile each ahead of time.
+PASS_CONFIGS = (PassConfig(1, 4), PassConfig(2, 4), PassConfig(4, 4), PassConfig(8, 4), PassConfig(16, 8))
+REDUCE_CONFIG = PassConfig(1, 2)
+FINAL_NUM_WARPS = 4
+# Passes aim at this many programs per streaming multiprocessor, so a wave fills the GPU.
+_PROGRAMS_PER_SM = 4
+# The dtypes a launch takes: half inputs compute in float32, float64 in float64.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Kernel arguments that point at tensors of the input dtype; every other pointer is in the
+# compute dtype (float32 for half inputs).
+INPUT_DTYPE_POINTERS = frozenset({"u_ptr", "w_ptr", "bias_ptr", "v_ptr", "grad_u_ptr", "grad_w_ptr"})
+
+
+def pass_config(batch: int, dtype: torch.dtype) -> PassConfig:
+    """The largest sample block that the batch fills (16 needs 16 samples: tl.dot's minimum).
+    float64 takes one sample per program: larger blocks spill registers at the MNIST shape
+    (python -m fastcaps.tools.aot)."""
+    if dtype == torch.float64:
+        return PASS_CONFIGS[0]
+    for config in reversed(PASS_CONFIGS):
+        if batch >= config.block_b:
+            return config
+    return PASS_CONFIGS[0]
+
+
+def reachable_pass_configs(dtype: torch.dtype) -> List[PassConfig]:
+    """The pass configurations some batch takes in ``dtype`` (float64: one)."""
+    largest = max(config.block_b for config in PASS_CONFIGS)
+    reachable = {pass_config(batch, dtype) for batch in range(1, 2 * largest + 1)}
+    return [config for config in PASS_CONFIGS if config in reachable]
+
+
+def capsule_chunks(batch: int, in_caps: int, block_b: int, processors: int) -> Tuple[int, int]:
+    """(capsules per chunk, chunks): enough (sample block, chunk) programs to fill
+    ``processors`` multiprocessors, and no more chunks than capsules."""
+    blocks = triton.cdiv(batch, block_b)
+    wanted = max(1, triton.cdiv(processors * _PROGRAMS_PER_SM, blocks))
+    per_chunk = max(1, triton.cdiv(in_caps, wanted))
+    return per_chunk, max(1, triton.cdiv(in_caps, per_chunk))
+
+
+# CUDA takes at most 2^31 - 1 programs on a grid's first axis and 65535 on the others. A
+# launch covers at most this many samples (or, in the final kernel, input capsules), which
+# also keeps the kernels' 32-bit products program id x BLOCK_B below 2^31; larger batches
+# and capsule counts are split into several launches, each computing exactly what one
+# launch would (the samples are independent, and so are the final kernel's capsules).
+MAX_GRID_X = 2 ** 31 - 1
+MAX_GRID_Y = 65535
+MAX_LAUNCH_ROWS = 2 ** 30
+
+
+def launch_ranges(count: int, step: int = 1) -> List[Tuple[int, int]]:
+    """[start, stop) ranges of at most MAX_LAUNCH_ROWS that cover range(count) in order, each
+    starting at a multiple of ``step`` (a pass's sample block).
+
+    A split launch must not move a sample to another row of its program's tile: a tile's
+    row results may depend on the row's position. Under the interpreter tl.dot is numpy's
+    matmul, and OpenBLAS's Haswell sgemm kernel (AVX2 machines) sums rows 0-5, 6-11 and
+    12-15 of a 16-row tile in different orders (different last bits); its AVX-512 kernel
+    does not, so only AVX2 machines showed it. Starting every launch on a block boundary
+    keeps each sample in the row it has in one launch."""
+    rows = max(step, MAX_LAUNCH_ROWS // step * step)
+    return [(start, min(count, start + rows)) for start in range(0, count, rows)]
+
+
+class PassPlan(NamedTuple):
+    config: PassConfig
+    chunks: int
+    per_chunk: int  # capsules per chunk
+
+    def grid(self, rows: int) -> Tuple[int, int]:
+        """(sample blocks, chunks) for a launch over ``rows`` samples."""
+        return triton.cdiv(rows, self.config.block_b), self.chunks
+
+
+def pass_plan(batch: int, in_caps: int, dtype: torch.dtype, processors: int) -> PassPlan:
+    """The passes' configuration and capsule chunks, chosen from the whole batch: a batch split
+    over several launches uses the same ones, so each sample gets the same bits."""
+    config = pass_config(batch, dtype)
+    per_chunk, chunks = capsule_chunks(batch, in_caps, config.block_b, processors)
+    return PassPlan(config, chunks, per_chunk)
+
+
+def processors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter: a few chunks, so the partial sums are exercised.
+    return 1
+
+
+def padded(n: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def uses_dot(config: PassConfig, dtype: torch.dtype, out_caps: int, out_dim: int) -> bool:
+    # tl.dot takes blocks of at least 16 in every dimension (Din is padded up to 16);
+    # float64 stays on the multiply-add path.
+    columns = padded(out_caps) * padded(out_dim)
+    return config.block_b >= 16 and columns >= 16 and dtype != torch.float64
+
+
+class Launch(NamedTuple):
+    name: str
+    kernel: object  # a @triton.jit function of routing_jit
+    constexprs: Dict[str, object]
+    num_warps: int
+
+
+def pass_launch(config: PassConfig, dtype: torch.dtype, shape: RoutingShape, backward: bool) -> Launch:
+    """A routing pass (forward: sums c u_hat; backward, phase A: sums delta u_hat)."""
+    use_dot = uses_dot(config, dtype, shape.out_caps, shape.out_dim)
+    return Launch("routing_pass", jit._routing_pass_kernel,
+                  dict(BACKWARD=backward, BLOCK_B=config.block_b, J_PAD=padded(shape.out_caps),
+                       D_PAD=padded(shape.out_dim), DIN_PAD=padded(shape.in_dim, 16 if use_dot else 1),
+                       USE_DOT=use_dot), config.num_warps)
+
+
+def forward_reduce_launch(shape: RoutingShape, has_bias: bool) -> Launch:
+    return Launch("forward_reduce", jit._forward_reduce_kernel,
+                  dict(HAS_BIAS=has_bias, **_reduce_blocks(shape)), REDUCE_CONFIG.num_warps)
+
+
+def backward_reduce_launch(shape: RoutingShape, prologue: bool) -> Launch:
+    return Launch("backward_reduce", jit._backward_reduce_kernel,
+                  dict(PROLOGUE=prologue, **_reduce_blocks(shape)), REDUCE_CONFIG.num_warps)
+
+
+def final_launch(shape: RoutingShape, detach_routing: bool) -> Launch:
+    return Launch("routing_final", jit._routing_final_kernel,
+                  dict(DETACH_ROUTING=detach_routing, J_PAD=padded(shape.out_caps), D_PAD=padded(shape.out_dim),
+                       DIN_PAD=padded(shape.in_dim)), FINAL_NUM_WARPS)
+
+
+def _reduce_blocks(shape: RoutingShape) -> Dict[str, int]:
+    return dict(BLOCK_B=REDUCE_CONFIG.block_b, J_PAD=padded(shape.out_caps), D_PAD=padded(shape.out_dim))
+
+
+def reduce_grid(batch: int) -> Tuple[int]:
+    return (triton.cdiv(batch, REDUCE_CONFIG.block_b),)
+
+
+def launch_configurations(shape: RoutingShape) -> Iterator[Tuple[torch.dtype, Launch]]:
+    """(input dtype, launch) for every launch the launchers can make at these capsule
+    dimensions (any batch, any number of input capsules; shape.batch is not read). The
+    backward reduction touches compute-dtype buffers only, so it is listed for float32 and
+    float64 alone."""
+    for dtype in DTYPES:
+        for config in reachable_pass_configs(dtype):
+            for backward in (False, True):
+                yield dtype, pass_launch(config, dtype, shape, backward)
+        for has_bias in (False, True):
+            yield dtype, forward_reduce_launch(shape, has_bias)
+        for detach_routing in (False, True):
+            yield dtype, final_launch(shape, detach_routing)
+    for dtype in (torch.float32, torch.float64):
+        for prologue in (False, True):
+            yield dtype, backward_reduce_launch(shape, prologue)

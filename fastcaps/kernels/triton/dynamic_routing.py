@@ -1,0 +1,137 @@
+"""Launchers of the fused Triton dynamic-routing kernels (routing_jit.py), the "triton" backend.
+
+They meet the contract of fastcaps/kernels/__init__.py; the backward recomputes u_hat, so
+they keep nothing of it (kept_u_hat is empty).
+
+Launches. A pass splits the input capsules into chunks, one program per (sample block,
+chunk), and writes per-chunk partial sums; a small reduction kernel adds the partials in
+chunk order. That is deterministic (no atomics) and fills the GPU at batch 1. Forward: per
+iteration a pass and a reduction (2r launches). Backward: a prologue (V_{t-1} for every t
+and sigma_r), then per iteration r..2 a pass and a reduction giving the next sigma
+(DESIGN.md section 3, phase A), then one final kernel, one program per input capsule,
+that walks the batch in order and writes grad u and that capsule's grad W (2r launches;
+2 with detach_routing). grad bias is the sum of sigma over samples and iterations. Every
+launch's compile-time arguments come from configs.py.
+
+Under TRITON_INTERPRET=1 (set before triton is imported) the same kernels run on CPU
+tensors, which is how CI checks them. The interpreter has no bfloat16: there bfloat16
+inputs are widened to float32 before the launch, which computes the same products (a
+bfloat16 product is exact in float32) that the GPU's bfloat16 path accumulates in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ...cases import RoutingShape
+from .. import RoutingKernels, compute_dtype, keeps_nothing
+from . import configs
+from .routing_jit import INTERPRETED
+
+
+def _run(launch: configs.Launch, grid, *arguments) -> None:
+    launch.kernel[grid](*arguments, **launch.constexprs, num_warps=launch.num_warps)
+
+
+def _launch_pass(shape: RoutingShape, plan: configs.PassPlan, u: Tensor, weight: Tensor, v_sum: Tensor,
+                 v_sum_stride: int, v_sum_rows: int, sigma: Optional[Tensor], sigma_stride: int,
+                 partial_dtype: torch.dtype, backward: bool) -> Tensor:
+    """One pass over the input capsules for shape.batch samples; returns the
+    (shape.batch, chunks, J, D) partials."""
+    partial = u.new_empty(shape.batch, plan.chunks, shape.out_caps, shape.out_dim, dtype=partial_dtype)
+    _run(configs.pass_launch(plan.config, u.dtype, shape, backward), plan.grid(shape.batch),
+         u, weight, v_sum, v_sum if sigma is None else sigma, partial,
+         shape.batch, shape.in_caps, shape.out_caps, shape.out_dim, shape.in_dim,
+         v_sum_stride, sigma_stride, v_sum_rows, plan.per_chunk, plan.chunks)
+    return partial
+
+
+def _prepare(u: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+    if INTERPRETED and u.dtype == torch.bfloat16:
+        return u.float().contiguous(), weight.float().contiguous()
+    return u.contiguous(), weight.contiguous()
+
+
+def routing_forward(
+    u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, detach_routing: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(v, s, kept_u_hat): v (B, J, D) in u's dtype, s (B, r, J, D) in the compute dtype,
+    kept_u_hat empty. ``detach_routing`` changes only the backward."""
+    acc = compute_dtype(u.dtype)
+    batch, in_caps, in_dim = u.shape
+    out_caps, _, out_dim, _ = weight.shape
+    s = u.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)
+    v = u.new_empty(batch, out_caps, out_dim)
+    kept_u_hat = s.new_empty(0)
+    if batch == 0:
+        return v, s, kept_u_hat
+    u_k, weight_k = _prepare(u, weight)
+    bias_k = s if bias is None else bias.contiguous()
+    plan = configs.pass_plan(batch, in_caps, u_k.dtype, configs.processors(u.device))
+    whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
+    for start, stop in configs.launch_ranges(batch, plan.config.block_b):
+        rows = stop - start
+        shape = whole.with_batch(rows)
+        reduce = configs.forward_reduce_launch(shape, bias is not None)
+        v_sum = u.new_empty(rows, out_caps, out_dim, dtype=acc)
+        for t in range(iterations):
+            # v_sum holds V_{t-1} for every row once t > 0; V_0 = 0 is not stored.
+            v_sum_rows = rows if t > 0 else 0
+            partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum, out_caps * out_dim,
+                                   v_sum_rows, None, 0, acc, backward=False)
+            _run(reduce, configs.reduce_grid(rows), partial, bias_k, s[start:stop], v_sum, v[start:stop],
+                 rows, out_caps, out_dim, iterations, t, plan.chunks, v_sum_rows)
+    return v, s, kept_u_hat
+
+
+def routing_backward(
+    grad_v: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], s: Tensor, kept_u_hat: Tensor,
+    iterations: int, detach_routing: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_u, grad_weight, grad_bias); grad_bias is (J, D) even without a bias."""
+    acc = s.dtype
+    batch, in_caps, in_dim = u.shape
+    out_caps, _, out_dim, _ = weight.shape
+    if batch == 0:
+        return torch.empty_like(u), torch.zeros_like(weight), weight.new_zeros(out_caps, out_dim)
+    u_k, weight_k = _prepare(u, weight)
+    s = s.contiguous()
+    grad_v_k = grad_v.to(acc).contiguous()
+    jd = out_caps * out_dim
+    v_sum = u.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)  # V_{t-1} for every t
+    sigma = torch.empty_like(v_sum)
+    # With detach_routing only the last iteration carries gradient and c_r is a constant.
+    first_differentiable = iterations - 1 if detach_routing else 0
+    plan = configs.pass_plan(batch, in_caps, u_k.dtype, configs.processors(u.device))
+    whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
+    for start, stop in configs.launch_ranges(batch, plan.config.block_b):
+        rows = stop - start
+        shape = whole.with_batch(rows)
+        # This launch's samples: views into the batch's buffers.
+        s_part, grad_v_part = s[start:stop], grad_v_k[start:stop]
+        v_sum_part, sigma_part = v_sum[start:stop], sigma[start:stop]
+        carried = u.new_empty(rows, out_caps, out_dim, dtype=acc)
+        _run(configs.backward_reduce_launch(shape, prologue=True), configs.reduce_grid(rows),
+             s_part, s_part, grad_v_part, carried, v_sum_part, sigma_part, rows, out_caps, out_dim,
+             iterations, iterations - 1, 0)
+        # Phase A: the r - 1 reverse passes, each a pass and a reduction giving the next sigma.
+        reduce = configs.backward_reduce_launch(shape, prologue=False)
+        for t in range(iterations - 1, first_differentiable, -1):
+            partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum_part[:, t], iterations * jd,
+                                   rows, sigma_part[:, t], iterations * jd, acc, backward=True)
+            _run(reduce, configs.reduce_grid(rows), partial, s_part, grad_v_part, carried, v_sum_part,
+                 sigma_part, rows, out_caps, out_dim, iterations, t - 1, plan.chunks)
+    # Phase B. Every element is written: program i writes grad u[:, i] and grad W[:, i].
+    grad_u_k, grad_weight_k = torch.empty_like(u_k), torch.empty_like(weight_k)
+    final = configs.final_launch(whole, detach_routing)
+    for first, last in configs.launch_ranges(in_caps):
+        _run(final, (last - first,), u_k, weight_k, v_sum, sigma, grad_u_k, grad_weight_k,
+             batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first)
+    grad_bias = sigma[:, first_differentiable:].sum(dim=(0, 1))
+    return grad_u_k.to(u.dtype), grad_weight_k.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+KERNELS = RoutingKernels(routing_forward, routing_backward, keeps_nothing)

@@ -1,0 +1,288 @@
+"""The Triton kernels of dynamic routing (DESIGN.md sections 2-3), device helpers first; their
+launchers are fastcaps/kernels/triton/dynamic_routing.py, which also documents the launches.
+
+u_hat is never written to memory: every pass forms it for one input capsule at a time, in
+registers, from W[:, i] and u[:, i], for a block of samples. With 16 or more samples in a
+block the prediction is a matrix product, (samples x Din) @ (Din x J*D), for ``tl.dot``,
+and each W tile is loaded once for the block; smaller blocks multiply and sum in
+registers. The routing state of a sample is V (J x D), the sum of the v's so far (v_sum).
+
+Layouts (all contiguous; "acc" is the compute dtype: float32, or float64 for float64):
+    u        (B, I, Din)      input dtype
+    weight   (J, I, D, Din)   input dtype, the DigitCaps layout
+    s        (B, r, J, D)     acc, each iteration's pre-squash sum (saved for the backward)
+    partial  (B, chunks, J, D) acc, one pass's sum over each chunk of input capsules
+    v_sum    forward: (B, J, D), V_t so far; backward: (B, r, J, D), V_{t-1} per iteration
+    sigma    (B, r, J, D)     acc, dL/ds_t
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# ---------------------------------------------------------------------------------------
+# Device helpers (inlined into the kernels)
+
+
+@triton.jit
+def _norm_and_scale(s):
+    """n = |s| and a = n / (1 + n^2) over the last axis of a 3-D s, kept as an axis of 1.
+
+    Same forms as fastcaps/kernels/torch/squash.py: |s| is taken on s / max|s_k|, so its squares neither
+    overflow nor underflow, and a = 1 / (n + 1/n) is 0 at n = inf (and set to 0 at n = 0)."""
+    largest = tl.max(tl.abs(s), axis=2, keep_dims=True)
+    scaled = s / tl.where(largest > 0, largest, 1.0)
+    norm = largest * tl.sqrt(tl.sum(scaled * scaled, axis=2, keep_dims=True))
+    positive = norm > 0
+    return norm, tl.where(positive, 1.0 / (norm + 1.0 / tl.where(positive, norm, 1.0)), 0.0)
+
+
+@triton.jit
+def _squash(s):
+    _, scale = _norm_and_scale(s)
+    return s * scale
+
+
+@triton.jit
+def _squash_backward(s, grad):
+    """J(s) grad, the squash Jacobian (symmetric) applied to dL/dv; 0 at s = 0."""
+    norm, scale = _norm_and_scale(s)
+    positive = norm > 0
+    unit = tl.where(positive, s / tl.where(positive, norm, 1.0), 0.0)
+    radial = 2.0 / (1.0 + norm * norm) - 1.0
+    along = tl.sum(unit * grad, axis=2, keep_dims=True)
+    return scale * (grad + radial * along * unit)
+
+
+@triton.jit
+def _state_tile(first_row, batch, out_caps, out_dim, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr,
+                D_PAD: tl.constexpr):
+    """Rows (int64, BLOCK_B x 1 x 1), offsets j*D + d (1 x J_PAD x D_PAD) and the mask of a
+    (BLOCK_B, J_PAD, D_PAD) tile of per-sample routing state."""
+    rows = (first_row + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None, None]
+    caps = tl.arange(0, J_PAD)[None, :, None]
+    dims = tl.arange(0, D_PAD)[None, None, :]
+    mask = (rows < batch) & (caps < out_caps) & (dims < out_dim)
+    return rows, caps * out_dim + dims, mask
+
+
+@triton.jit
+def _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
+             BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
+             DIN_PAD: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr):
+    """u_hat[b, j, d] = sum_e W[j, capsule, d, e] u[b, capsule, e] for a block of samples,
+    as (BLOCK_B, J_PAD, D_PAD) in ACC; zero in padded rows, capsules and dims."""
+    capsule = tl.cast(capsule, tl.int64)
+    # u tile (BLOCK_B, DIN_PAD)
+    sample = tl.reshape(rows, (BLOCK_B, 1))
+    feature = tl.arange(0, DIN_PAD)[None, :]
+    u_tile = tl.load(u_ptr + (sample * in_caps + capsule) * in_dim + feature,
+                     mask=(sample < batch) & (feature < in_dim), other=0.0)
+    # W tile (DIN_PAD, J_PAD * D_PAD): column j * D_PAD + d holds W[j, capsule, d, :]
+    column = tl.arange(0, J_PAD * D_PAD)[None, :]
+    out_cap = (column // D_PAD).to(tl.int64)  # J * I can pass 2^31
+    out_d = column % D_PAD
+    in_e = tl.arange(0, DIN_PAD)[:, None]
+    w_tile = tl.load(w_ptr + ((out_cap * in_caps + capsule) * out_dim + out_d) * in_dim + in_e,
+                     mask=(out_cap < out_caps) & (out_d < out_dim) & (in_e < in_dim), other=0.0)
+    if USE_DOT:
+        # float32 in IEEE precision (TF32 would miss the 1e-4 the checks hold it to);
+        # half inputs go to the tensor cores as they are: their products are exact in float32.
+        flat = tl.dot(u_tile, w_tile, out_dtype=tl.float32, input_precision="ieee").to(ACC)
+    else:
+        flat = tl.sum(u_tile.to(ACC)[:, :, None] * w_tile.to(ACC)[None, :, :], axis=1)
+    return tl.reshape(flat, (BLOCK_B, J_PAD, D_PAD))
+
+
+@triton.jit
+def _couplings(u_hat, v_sum, caps_valid):
+    """c[b, j] = softmax_j(u_hat[b, j] . V[b, j]) over the real output capsules; exactly
+    1/J when V = 0 (the first iteration)."""
+    logits = tl.sum(u_hat * v_sum, axis=2)
+    logits = tl.where(caps_valid, logits, float("-inf"))
+    exps = tl.exp(logits - tl.max(logits, axis=1, keep_dims=True))
+    return exps / tl.sum(exps, axis=1, keep_dims=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _routing_pass_kernel(
+    u_ptr,  # (B, I, Din)
+    w_ptr,  # (J, I, D, Din)
+    v_sum_ptr,  # V_{t-1}: sample b at v_sum_ptr + b * v_sum_stride, (J, D)
+    sigma_ptr,  # backward: dL/ds_t, sample b at sigma_ptr + b * sigma_stride, (J, D)
+    partial_ptr,  # (B, chunks, J, D): this program writes [rows, chunk]
+    batch, in_caps, out_caps, out_dim, in_dim,
+    v_sum_stride, sigma_stride, v_sum_rows, caps_per_chunk, chunks,
+    BACKWARD: tl.constexpr,  # False: sums c * u_hat (s_t); True: delta * u_hat (dL/dV_{t-1})
+    BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr, DIN_PAD: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    """One routing pass over a chunk of input capsules for a block of samples."""
+    ACC = partial_ptr.dtype.element_ty
+    block = tl.program_id(0)
+    chunk = tl.program_id(1)
+    rows, state_offsets, state_mask = _state_tile(block * BLOCK_B, batch, out_caps, out_dim,
+                                                  BLOCK_B, J_PAD, D_PAD)
+    # v_sum_rows is 0 in the first iteration, where V_0 = 0 and v_sum_ptr holds nothing yet.
+    v_sum = tl.load(v_sum_ptr + rows * v_sum_stride + state_offsets,
+                     mask=state_mask & (rows < v_sum_rows), other=0.0)
+    if BACKWARD:
+        sigma = tl.load(sigma_ptr + rows * sigma_stride + state_offsets, mask=state_mask, other=0.0)
+    caps_valid = (tl.arange(0, J_PAD) < out_caps)[None, :]
+    total = tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC)
+    first = chunk.to(tl.int64) * caps_per_chunk  # past 2^31 when in_caps is
+    last = tl.minimum(first + caps_per_chunk, in_caps)
+    for capsule in range(first, last):
+        u_hat = _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
+                         BLOCK_B, J_PAD, D_PAD, DIN_PAD, USE_DOT, ACC)
+        c = _couplings(u_hat, v_sum, caps_valid)
+        if BACKWARD:
+            gamma = tl.sum(sigma * u_hat, axis=2)  # dL/dc
+            weight = c * (gamma - tl.sum(c * gamma, axis=1, keep_dims=True))  # dL/dlogits
+        else:
+            weight = c
+        total += weight[:, :, None] * u_hat
+    tl.store(partial_ptr + (rows * chunks + chunk) * (out_caps * out_dim) + state_offsets, total,
+             mask=state_mask)
+
+
+@triton.jit
+def _sum_partials(partial_ptr, rows, state_offsets, state_mask, chunks, jd, total):
+    """total + the chunks' partial sums, added in chunk order (deterministic)."""
+    for chunk in range(chunks):
+        total += tl.load(partial_ptr + (rows * chunks + chunk) * jd + state_offsets, mask=state_mask,
+                         other=0.0)
+    return total
+
+
+@triton.jit
+def _forward_reduce_kernel(
+    partial_ptr,  # (B, chunks, J, D)
+    bias_ptr,  # (J, D), read when HAS_BIAS
+    s_ptr,  # (B, r, J, D): writes [:, t]
+    v_sum_ptr,  # (B, J, D): V_{t-1} in, V_t out
+    v_ptr,  # (B, J, D) output dtype: written on the last iteration
+    batch, out_caps, out_dim, iterations, t, chunks, v_sum_rows,
+    HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """s_t = sum of the chunk partials (+ bias); v_t = squash(s_t); V_t = V_{t-1} + v_t."""
+    ACC = s_ptr.dtype.element_ty
+    rows, state_offsets, state_mask = _state_tile(tl.program_id(0) * BLOCK_B, batch, out_caps,
+                                                  out_dim, BLOCK_B, J_PAD, D_PAD)
+    jd = out_caps * out_dim
+    s = _sum_partials(partial_ptr, rows, state_offsets, state_mask, chunks, jd,
+                      tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC))
+    if HAS_BIAS:
+        s += tl.load(bias_ptr + state_offsets, mask=state_mask, other=0.0).to(ACC)
+    tl.store(s_ptr + (rows * iterations + t) * jd + state_offsets, s, mask=state_mask)
+    v = _squash(s)
+    # v_sum_rows is 0 when t = 0: V_0 = 0, and 0 + v_1 = v_1 exactly, so the backward's
+    # prologue rebuilds the same bits.
+    v_sum = tl.load(v_sum_ptr + rows * jd + state_offsets, mask=state_mask & (rows < v_sum_rows),
+                     other=0.0)
+    tl.store(v_sum_ptr + rows * jd + state_offsets, v_sum + v, mask=state_mask)
+    if t == iterations - 1:
+        tl.store(v_ptr + rows * jd + state_offsets, v.to(v_ptr.dtype.element_ty), mask=state_mask)
+
+
+@triton.jit
+def _backward_reduce_kernel(
+    partial_ptr,  # (B, chunks, J, D): the pass's delta * u_hat sums, dL/dV_t direct parts
+    s_ptr,  # (B, r, J, D)
+    grad_v_ptr,  # (B, J, D) acc, dL/dv_r
+    carried_ptr,  # (B, J, D) G = sum of the direct dL/dV parts so far: read, updated
+    v_sum_ptr,  # (B, r, J, D): the prologue writes V_{t-1} for every t
+    sigma_ptr,  # (B, r, J, D): writes [:, t]
+    batch, out_caps, out_dim, iterations, t, chunks,
+    PROLOGUE: tl.constexpr, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """G += sum of the partials; sigma_t = J(s_t) (G + dL/dv_r if t is the last iteration).
+
+    The prologue (no partials, G = 0) also writes V_{t-1} for every iteration, summed in the
+    forward's order so the recomputed couplings are the forward's."""
+    ACC = s_ptr.dtype.element_ty
+    rows, state_offsets, state_mask = _state_tile(tl.program_id(0) * BLOCK_B, batch, out_caps,
+                                                  out_dim, BLOCK_B, J_PAD, D_PAD)
+    jd = out_caps * out_dim
+    if PROLOGUE:
+        v_sum = tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC)
+        for step in range(iterations):
+            tl.store(v_sum_ptr + (rows * iterations + step) * jd + state_offsets, v_sum,
+                     mask=state_mask)
+            s_step = tl.load(s_ptr + (rows * iterations + step) * jd + state_offsets,
+                             mask=state_mask, other=0.0)
+            v_sum += _squash(s_step)
+        carried = tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC)
+    else:
+        carried = tl.load(carried_ptr + rows * jd + state_offsets, mask=state_mask, other=0.0)
+        carried = _sum_partials(partial_ptr, rows, state_offsets, state_mask, chunks, jd, carried)
+    tl.store(carried_ptr + rows * jd + state_offsets, carried, mask=state_mask)
+    grad = carried
+    if t == iterations - 1:
+        grad += tl.load(grad_v_ptr + rows * jd + state_offsets, mask=state_mask, other=0.0)
+    s = tl.load(s_ptr + (rows * iterations + t) * jd + state_offsets, mask=state_mask, other=0.0)
+    tl.store(sigma_ptr + (rows * iterations + t) * jd + state_offsets, _squash_backward(s, grad),
+             mask=state_mask)
+
+
+@triton.jit
+def _routing_final_kernel(
+    u_ptr,  # (B, I, Din)
+    w_ptr,  # (J, I, D, Din)
+    v_sum_ptr,  # (B, r, J, D): V_{t-1}
+    sigma_ptr,  # (B, r, J, D): dL/ds_t
+    grad_u_ptr,  # (B, I, Din) u's dtype
+    grad_w_ptr,  # (J, I, D, Din) weight's dtype
+    batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first_capsule,
+    DETACH_ROUTING: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr, DIN_PAD: tl.constexpr,
+):
+    """Phase B for one input capsule i (first_capsule + the program id): for each sample in order,
+    g_uhat[j] = sum_t c_t[j] sigma_t[j] + delta_t[j] V_{t-1}[j], then grad u[b, i] = sum_j
+    W[j, i]^T g_uhat[j] and grad W[:, i] += g_uhat u[b, i]^T. The program owns grad W[:, i],
+    so the sum over the batch needs no atomics and is taken in batch order."""
+    ACC = v_sum_ptr.dtype.element_ty
+    capsule = tl.program_id(0).to(tl.int64) + first_capsule
+    cap = tl.arange(0, J_PAD).to(tl.int64)[:, None, None]  # J * I can pass 2^31
+    dim = tl.arange(0, D_PAD)[None, :, None]
+    feature = tl.arange(0, DIN_PAD)[None, None, :]
+    w_offsets = ((cap * in_caps + capsule) * out_dim + dim) * in_dim + feature
+    w_mask = (cap < out_caps) & (dim < out_dim) & (feature < in_dim)
+    weight = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(ACC)  # (J_PAD, D_PAD, DIN_PAD)
+    state_offsets = tl.reshape(cap * out_dim + dim, (1, J_PAD, D_PAD))
+    state_mask = tl.reshape((cap < out_caps) & (dim < out_dim), (1, J_PAD, D_PAD))
+    caps_valid = (tl.arange(0, J_PAD) < out_caps)[None, :]
+    jd = out_caps * out_dim
+    in_e = tl.arange(0, DIN_PAD)
+    grad_weight = tl.zeros((J_PAD, D_PAD, DIN_PAD), ACC)
+    for sample in range(batch):
+        row = tl.cast(sample, tl.int64)
+        u_row = tl.load(u_ptr + (row * in_caps + capsule) * in_dim + in_e, mask=in_e < in_dim,
+                        other=0.0).to(ACC)
+        u_hat = tl.reshape(tl.sum(weight * u_row[None, None, :], axis=2), (1, J_PAD, D_PAD))
+        grad_u_hat = tl.zeros((1, J_PAD, D_PAD), ACC)
+        for t in range(first_differentiable, iterations):
+            offsets = (row * iterations + t) * jd + state_offsets
+            v_sum = tl.load(v_sum_ptr + offsets, mask=state_mask, other=0.0)
+            sigma = tl.load(sigma_ptr + offsets, mask=state_mask, other=0.0)
+            c = _couplings(u_hat, v_sum, caps_valid)
+            grad_u_hat += c[:, :, None] * sigma
+            if not DETACH_ROUTING:
+                gamma = tl.sum(sigma * u_hat, axis=2)
+                delta = c * (gamma - tl.sum(c * gamma, axis=1, keep_dims=True))
+                grad_u_hat += delta[:, :, None] * v_sum  # 0 at t = 1, where V_0 = 0
+        grad_flat = tl.reshape(grad_u_hat, (J_PAD, D_PAD))
+        grad_u_row = tl.sum(tl.sum(weight * grad_flat[:, :, None], axis=1), axis=0)
+        tl.store(grad_u_ptr + (row * in_caps + capsule) * in_dim + in_e,
+                 grad_u_row.to(grad_u_ptr.dtype.element_ty), mask=in_e < in_dim)
+        grad_weight += grad_flat[:, :, None] * u_row[None, None, :]
+    tl.store(grad_w_ptr + w_offsets, grad_weight.to(grad_w_ptr.dtype.element_ty), mask=w_mask)
+
+
+# True when TRITON_INTERPRET=1 was set before triton decorated the kernels: they run on CPU.
+INTERPRETED = isinstance(_routing_pass_kernel, InterpretedFunction)

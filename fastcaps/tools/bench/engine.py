@@ -1,0 +1,391 @@
+"""Benchmark engine: one setup factory per case for every provider, timing and peak memory.
+
+Used by ``fastcaps bench`` (tools/bench/command.py; report.py writes its table and JSON,
+charts.py its charts) and by the pytest-benchmark suites in benchmarks/.
+
+Providers are what the bench times: "reference" (the paper's loop, eager),
+"reference-compiled" (``torch.compile`` of the same function: the strongest thing a user
+can do without fastcaps; its compile time is excluded from the timing and reported
+separately), and every fastcaps backend available on the device.
+
+Timing: the providers of a group (same case, batch, depth, mode) run in interleaved
+rounds (``measure_group``), in fresh processes (``measure_in_processes``): with several
+processes per group their rounds are pooled, so that both a slow stretch of the machine
+and what varies from process to process land inside the reported spread; with one process
+for every group, torch is imported and the reference compiled once. On CPU the workers run
+with glibc told to keep freed memory (``steady_state_allocator``): by default glibc maps
+every allocation over 32 MiB fresh and unmaps it on free, so each call pays page faults
+for u_hat (94 MB at the MNIST shape, B = 128) that a long-running training loop would
+not. On CUDA the caching allocator already behaves this way, and the timed function
+synchronizes.
+
+Peak memory: CUDA, the allocator's peak over one call minus what was allocated before.
+CPU, the steady-state peak RSS growth of one call in a fresh process (see
+``peak_memory``); it counts every byte touched: tensors, autograd's saved state,
+gradients, and library workspaces.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ... import reference
+from ...backends import auto_order, available_backends
+from ...cases import RoutingShape, make_inputs
+from ...functional import dynamic_routing
+
+MODES = ("forward", "forward+backward")
+
+# The capsule dimensions of each case; the batch comes from the grid (RoutingShape.with_batch).
+CASES: Dict[str, RoutingShape] = {
+    "small": RoutingShape(1, 288, 4, 5, 12),
+    "mnist": RoutingShape(1, 1152, 8, 10, 16),  # the paper's DigitCaps
+    "large": RoutingShape(1, 4608, 8, 10, 16),  # PrimaryCaps on 40x40 images: 32 x 12 x 12 capsules
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: a shape (with its batch), a routing depth, a mode and a provider."""
+
+    case: str
+    shape: RoutingShape
+    iterations: int
+    mode: str
+    provider: str
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    @property
+    def batch(self) -> int:
+        return self.shape.batch
+
+    @property
+    def label(self) -> str:
+        return f"{self.case} B{self.batch} r{self.iterations} {self.mode} {self.dtype}"
+
+
+def providers(device: str = "cpu") -> List[str]:
+    """The default providers on ``device``: the reference, its compiled form, and the kernels
+    that ``backend="auto"`` may pick there."""
+    available = available_backends(device)
+    return ["reference", "reference-compiled"] + [b for b in auto_order(torch.device(device)) if b in available]
+
+
+def flops(shape: RoutingShape, iterations: int, mode: str) -> float:
+    """DESIGN.md section 6: per sample, u_hat once (2 I J D Din) and the routing passes
+    (2 (2r - 1) I J D). Forward+backward counts three times the forward, the usual
+    convention for a layer whose backward does two products per forward product."""
+    per_sample = 2 * shape.in_caps * shape.out_caps * shape.out_dim * shape.in_dim
+    per_sample += 2 * (2 * iterations - 1) * shape.in_caps * shape.out_caps * shape.out_dim
+    return shape.batch * per_sample * (3 if mode == "forward+backward" else 1)
+
+
+def _raise_recompile_limit() -> None:
+    """Each benchmark point is a new static shape for the compiled reference; without this,
+    dynamo stops compiling after 8 shapes and silently runs eager."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 4096))
+
+
+_compiled_reference: Optional[Callable] = None
+
+
+def _route_function(provider: str) -> Callable:
+    """(u, weight, iterations) -> v for a provider."""
+    global _compiled_reference
+    if provider == "reference":
+        return lambda u, weight, r: reference.route(u, weight, None, r, False)
+    if provider == "reference-compiled":
+        if _compiled_reference is None:
+            _raise_recompile_limit()
+            _compiled_reference = torch.compile(reference.route, dynamic=False, fullgraph=True)
+        compiled = _compiled_reference
+        return lambda u, weight, r: compiled(u, weight, None, r, False)
+    return lambda u, weight, r: dynamic_routing(u, weight, None, r, False, backend=provider)
+
+
+def point_inputs(point: Point, seed: int = 0):
+    """(u, weight): u like squashed primary capsules, weight at DigitCaps' initialisation scale."""
+    inputs = make_inputs(point.shape, seed, init="digitcaps", dtype=getattr(torch, point.dtype), device=point.device)
+    return inputs.u, inputs.weight
+
+
+@dataclass
+class Runner:
+    """The timed function of one point, and what its first call cost."""
+
+    run: Callable[[], None]
+    first_call_seconds: float
+
+
+def make_runner(point: Point) -> Runner:
+    """The setup factory every provider and mode goes through: inputs, then a closure
+    that runs one call (and synchronizes on CUDA). Its first call is made here, so
+    compilation and autotuning are never timed."""
+    u, weight = point_inputs(point)
+    route = _route_function(point.provider)
+    synchronize = torch.cuda.synchronize if u.is_cuda else (lambda: None)
+    if point.mode == "forward":
+        def run():
+            with torch.no_grad():
+                route(u, weight, point.iterations)
+            synchronize()
+    elif point.mode == "forward+backward":
+        u.requires_grad_()
+        weight.requires_grad_()
+
+        def run():
+            v = route(u, weight, point.iterations)
+            torch.autograd.grad(v, (u, weight), torch.ones_like(v))
+            synchronize()
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {point.mode!r}")
+    started = time.perf_counter()
+    run()
+    return Runner(run, time.perf_counter() - started)
+
+
+def matmul_rate(device: str = "cpu", dtype: str = "float32", size: int = 2048) -> float:
+    """GFLOP/s of torch.mm on two size x size matrices, median of 5 after 2 warm-ups: the
+    machine's practical arithmetic ceiling, which the kernels' rates (``flops``) are read
+    against."""
+    a, b = (torch.randn(size, size, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    synchronize = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    seconds = []
+    for round_ in range(7):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        synchronize()
+        if round_ >= 2:
+            seconds.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(seconds) / 1e9
+
+
+# --- allocator ---------------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, glibc malloc.h
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def steady_state_allocator() -> bool:
+    """Make glibc keep freed memory for reuse (no mmap per allocation, no trimming), as a
+    long-running process reaches. Returns False where this is not glibc (then timings
+    include page faults, and the result records it)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+# --- timing ------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    seconds: List[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def quartiles(self):
+        if len(self.seconds) < 2:
+            return self.median, self.median
+        q1, _, q3 = statistics.quantiles(self.seconds, n=4, method="inclusive")
+        return q1, q3
+
+
+# --- peak memory -------------------------------------------------------------------------
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"^{field_name}:\s+(\d+) kB", status.read(), re.MULTILINE).group(1))
+
+
+def _peak_in_this_process(point: Point) -> int:
+    runner = make_runner(point)  # its first call is the warm-up
+    if point.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        runner.run()
+        return torch.cuda.max_memory_allocated() - before
+    # Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS.
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _status_kib("VmRSS")
+    runner.run()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def peak_memory(point: Point, timeout: float = 900) -> int:
+    """Peak memory growth of one call of ``point``, in bytes, measured in a fresh process.
+
+    CPU method: the worker makes the call once (warm-up: lazy initialisation, thread pools,
+    compilation), resets the kernel's peak-RSS counter, makes it again and reports the
+    peak growth. glibc's mmap threshold is pinned at 64 KiB (MALLOC_MMAP_THRESHOLD_) so
+    each tensor-sized buffer is mapped and unmapped on its own, and freed memory leaves
+    RSS instead of being reused unseen.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    return _run_worker("--memory-worker", _point_to_json(point), f"{point.label} {point.provider}", timeout, env)
+
+
+def _run_worker(flag: str, payload, what: str, timeout: float, env: Optional[dict] = None):
+    """Run ``python -m fastcaps.tools.bench.engine FLAG PAYLOAD`` in a fresh process; its last line of
+    output, parsed as JSON."""
+    result = subprocess.run([sys.executable, "-m", "fastcaps.tools.bench.engine", flag, json.dumps(payload)],
+                            capture_output=True, text=True, env=env, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{flag[2:]} for {what} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _point_to_json(point: Point) -> dict:
+    return asdict(point)
+
+
+def _point_from_json(fields: dict) -> Point:
+    return Point(**{**fields, "shape": RoutingShape(**fields["shape"])})
+
+
+# --- one measurement ---------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    point: Point
+    seconds: List[float]
+    first_call_seconds: float
+    peak_bytes: Optional[int]
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(self.seconds)
+
+    @property
+    def gflops(self) -> float:
+        p = self.point
+        return flops(p.shape, p.iterations, p.mode) / self.timing.median / 1e9
+
+
+def measure_group(group: Sequence[Point], repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> List[Result]:
+    """Time the providers of one group in interleaved rounds, one call each per round, the
+    order rotated every round; at least ``repeats`` rounds, more (up to 10x) until the
+    rounds took ``min_seconds``. Sample k of every result comes from round k, so ratios
+    can be taken round by round: a slow stretch of the machine then slows the reference
+    and the provider alike instead of landing in their ratio."""
+    runners = [make_runner(point) for point in group]
+    for _ in range(warmup):
+        for runner in runners:
+            runner.run()
+    samples: List[List[float]] = [[] for _ in group]
+    rounds, elapsed = 0, 0.0
+    while rounds < repeats or (elapsed < min_seconds and rounds < 10 * repeats):
+        for offset in range(len(group)):
+            index = (rounds + offset) % len(group)
+            started = time.perf_counter()
+            runners[index].run()
+            seconds = time.perf_counter() - started
+            samples[index].append(seconds)
+            elapsed += seconds
+        rounds += 1
+    return [Result(point, samples[i], runners[i].first_call_seconds, None) for i, point in enumerate(group)]
+
+
+def measure_in_processes(groups: Sequence[Sequence[Point]], processes: int, repeats: int, warmup: int = 1,
+                         min_seconds: float = 0.0, one_process: bool = False,
+                         on_measured: Optional[Callable[[int], None]] = None) -> List[List[Result]]:
+    """``measure_group`` for every group in fresh worker processes (steady-state allocator).
+
+    By default each group gets ``processes`` processes of its own and their rounds are
+    pooled: some variation is fixed per process (buffer addresses, where the threads land),
+    and pooling puts it inside the reported spread instead of between two runs. Each process
+    runs ceil(repeats / processes) rounds at least. With ``one_process`` a single process
+    measures every group in turn (``processes`` is ignored): it imports torch and compiles
+    once, but the process-to-process variation is then outside the spread. ``on_measured``
+    is told how many more groups are done after each of them (or after the one process)."""
+    groups = [list(group) for group in groups]
+    samples = [[[] for _ in group] for group in groups]
+    first_call = [[0.0 for _ in group] for group in groups]
+
+    def run(indices: List[int], rounds: int, seconds: float) -> None:
+        payload = {"groups": [[_point_to_json(point) for point in groups[g]] for g in indices],
+                   "repeats": rounds, "warmup": warmup, "min_seconds": seconds}
+        measured = _run_worker("--time-worker", payload, groups[indices[0]][0].label, timeout=3600)
+        for g, times, firsts in zip(indices, measured["seconds"], measured["first_call_seconds"]):
+            for i in range(len(groups[g])):
+                samples[g][i].extend(times[i])
+                first_call[g][i] = max(first_call[g][i], firsts[i])
+
+    if one_process:
+        run(list(range(len(groups))), repeats, min_seconds)
+        if on_measured is not None:
+            on_measured(len(groups))
+    else:
+        for g in range(len(groups)):
+            for _ in range(processes):
+                run([g], -(-repeats // processes), min_seconds / processes)
+            if on_measured is not None:
+                on_measured(1)
+    return [[Result(point, samples[g][i], first_call[g][i], None) for i, point in enumerate(group)]
+            for g, group in enumerate(groups)]
+
+
+def _time_worker(payload: dict) -> dict:
+    steady_state_allocator()
+    seconds, first_calls = [], []
+    for group in payload["groups"]:
+        results = measure_group([_point_from_json(p) for p in group], payload["repeats"], payload["warmup"],
+                                payload["min_seconds"])
+        seconds.append([r.seconds for r in results])
+        first_calls.append([r.first_call_seconds for r in results])
+    return {"seconds": seconds, "first_call_seconds": first_calls}
+
+
+def group_key(point: Point) -> tuple:
+    """Points that differ only in provider share a group."""
+    return (point.case, point.shape, point.iterations, point.mode, point.dtype, point.device)
+
+
+def points(cases: Sequence[str], batches: Sequence[int], iterations: Sequence[int],
+           modes: Sequence[str], provider_names: Sequence[str], dtype: str = "float32",
+           device: str = "cpu") -> List[Point]:
+    """The grid, reference first within each group so ratios have their denominator."""
+    return [
+        Point(case, CASES[case].with_batch(batch), r, mode, provider, dtype, device)
+        for case in cases for batch in batches for r in iterations for mode in modes
+        for provider in provider_names
+    ]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory-worker":
+        print(_peak_in_this_process(_point_from_json(json.loads(sys.argv[2]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--time-worker":
+        print(json.dumps(_time_worker(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: python -m fastcaps.tools.bench.engine --memory-worker POINT | --time-worker GROUPS "
+                 "(internal JSON protocol); see `fastcaps bench`")

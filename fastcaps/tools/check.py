@@ -1,0 +1,277 @@
+"""Correctness check of every routing backend against the reference: ``fastcaps check``.
+
+For each case (shape, iterations, detach, bias) and dtype, a backend runs forward and
+backward on fresh random inputs and is compared with the oracle, the reference evaluated
+in float64. Errors are normwise: max|x - x_ref| / max|x_ref| per tensor, for v and the
+gradients of u, weight and bias. Every float64 row also checks the backend's gradients
+against a central finite difference of its own forward along a random direction, which
+does not depend on the reference (so the reference's float64 row tests something too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import BACKENDS, checked_by_default
+from ..cases import RoutingShape, make_inputs
+from ..functional import dynamic_routing
+from .tables import format_table
+
+# Normwise relative tolerance per dtype, for v and every gradient.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+# The finite-difference check is limited by its step, not by the kernel.
+FD_TOLERANCE = 1e-6
+_FD_STEP = 1e-6
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: RoutingShape
+    iterations: int
+    detach_routing: bool
+    bias: bool
+
+    @property
+    def options(self) -> str:
+        return f"r={self.iterations}{' detach' if self.detach_routing else ''}{' bias' if self.bias else ''}"
+
+
+@dataclass
+class Row:
+    backend: str
+    case: Case
+    dtype: torch.dtype
+    error_v: float
+    error_grad_u: float
+    error_grad_weight: float
+    error_grad_bias: Optional[float]  # None without a bias
+    error_fd: Optional[float]  # float64 rows only
+
+    @property
+    def passed(self) -> bool:
+        tolerance = TOLERANCE[self.dtype]
+        errors = [self.error_v, self.error_grad_u, self.error_grad_weight, self.error_grad_bias]
+        # Written as "<=" so that a NaN error fails.
+        within = all(e <= tolerance for e in errors if e is not None)
+        return within and (self.error_fd is None or self.error_fd <= FD_TOLERANCE)
+
+
+def _options(shapes: Iterable[RoutingShape]) -> List[Case]:
+    return [
+        Case(shape, r, detach_routing, bias)
+        for shape, r, detach_routing, bias in itertools.product(shapes, (1, 2, 3), (False, True), (False, True))
+    ]
+
+
+def default_cases() -> List[Case]:
+    """MNIST DigitCaps at a small batch, and odd shapes, with every routing option."""
+    shapes = [RoutingShape(5, 1152, 8, 10, 16), RoutingShape(1, 1, 1, 1, 1), RoutingShape(3, 7, 3, 3, 5),
+              RoutingShape(17, 7, 8, 10, 16), RoutingShape(2, 33, 4, 4, 12)]
+    return _options(shapes)
+
+
+def small_cases() -> List[Case]:
+    """The default cases without the MNIST shape: for slow backends (the Triton interpreter)."""
+    return [case for case in default_cases() if case.shape.in_caps < 1152]
+
+
+def full_cases() -> List[Case]:
+    """B in {1, 3, 17} x I in {1, 7, 1152} x J in {1, 3, 10}, MNIST capsule dims, every option."""
+    shapes = [RoutingShape(b, i, 8, j, 16) for b in (1, 3, 17) for i in (1, 7, 1152) for j in (1, 3, 10)]
+    return _options(shapes)
+
+
+def case_inputs(case: Case, seed: int):
+    """float64 (u, weight, bias or None, grad_v) with routing far from uniform couplings."""
+    return make_inputs(case.shape, seed, bias=case.bias)
+
+
+def _forward_backward(route: Callable, u, weight, bias, grad_v, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (u, weight) + ((bias,) if bias is not None else ())]
+    v = route(*leaves[:2], leaves[2] if bias is not None else None)
+    grads = torch.autograd.grad(v, leaves, grad_v.to(dtype))
+    return [v.detach().double()] + [g.double() for g in grads]
+
+
+def _error(value: Tensor, expected: Tensor) -> float:
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    if value.numel() == 0:
+        return 0.0
+    difference = (value - expected).abs().max().item()
+    return difference / scale if scale > 0 else difference
+
+
+def _finite_difference_error(route: Callable, case: Case, u, weight, bias, grad_v, grads, seed: int) -> float:
+    """|(L(x + h d) - L(x - h d)) / 2h - <grad L, d>| / |<grad L, d>| for L = <grad_v, v>.
+
+    With ``detach_routing`` the gradient is, by definition, that of the last iteration with
+    its couplings c_r held constant, so L is differentiated through that frozen forward.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    inputs = [u, weight] + ([bias] if bias is not None else [])
+    directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in inputs]
+    if case.detach_routing and case.iterations > 1:
+        _, couplings = reference.route(u, weight, bias, case.iterations, True, return_couplings=True)
+        frozen = couplings[-1]
+
+        def route(u_, w_, b_):  # noqa: F811  (the frozen forward replaces the backend's)
+            s = torch.einsum("bij,bijd->bjd", frozen, torch.einsum("jide,bie->bijd", w_, u_))
+            return reference.squash(s if b_ is None else s + b_)
+
+    def loss(step):
+        moved = [t + step * d for t, d in zip(inputs, directions)]
+        with torch.no_grad():
+            v = route(moved[0], moved[1], moved[2] if bias is not None else None)
+        return (v * grad_v).sum().item()
+
+    numeric = (loss(_FD_STEP) - loss(-_FD_STEP)) / (2 * _FD_STEP)
+    analytic = sum((g * d).sum().item() for g, d in zip(grads, directions))
+    return abs(numeric - analytic) / max(abs(analytic), 1e-12)
+
+
+def _router(backend: str, case: Case, device: str = "cpu") -> Callable:
+    """Routing on ``device`` from CPU tensors and back: gradients reach the CPU leaves."""
+
+    def route(u, w, b):
+        u, w, b = (None if t is None else t.to(device) for t in (u, w, b))
+        return dynamic_routing(u, w, b, case.iterations, case.detach_routing, backend=backend).cpu()
+
+    return route
+
+
+def oracle_for(case: Case, seed: int) -> List[Tensor]:
+    """[v, grad u, grad weight, (grad bias)] of the reference in float64."""
+    return _forward_backward(_router("reference", case), *case_inputs(case, seed), torch.float64)
+
+
+def check_case(backend: str, case: Case, dtype: torch.dtype, seed: int = 0, oracle=None,
+               device: str = "cpu") -> Row:
+    """Compare ``backend`` at ``dtype`` on ``device`` with the float64 reference (CPU) on one case."""
+    u, weight, bias, grad_v = case_inputs(case, seed)
+    if oracle is None:
+        oracle = oracle_for(case, seed)
+    route = _router(backend, case, device)
+    results = _forward_backward(route, u, weight, bias, grad_v, dtype)
+    errors = [_error(x, y) for x, y in zip(results, oracle)]
+    fd = None
+    if dtype == torch.float64:
+        fd = _finite_difference_error(route, case, u, weight, bias, grad_v, results[1:], seed)
+    return Row(backend, case, dtype, errors[0], errors[1], errors[2],
+               errors[3] if case.bias else None, fd)
+
+
+def run(
+    backends: Sequence[str],
+    cases: Iterable[Case],
+    dtypes: Sequence[torch.dtype],
+    seed: int = 0,
+    on_row: Optional[Callable[[Row], None]] = None,
+    device: str = "cpu",
+) -> List[Row]:
+    """Every backend x case x dtype on ``device``; the float64 oracle (CPU) is computed once per case."""
+    rows = []
+    for index, case in enumerate(cases):
+        oracle = oracle_for(case, seed + index)
+        for backend, dtype in itertools.product(backends, dtypes):
+            row = check_case(backend, case, dtype, seed + index, oracle, device)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def format_error(error: Optional[float]) -> str:
+    return "-" if error is None else f"{error:.1e}"
+
+
+HEADER = ("backend", "shape", "options", "dtype", "v", "grad u", "grad W", "grad b", "fd", "result")
+
+
+def format_row(row: Row) -> List[str]:
+    return [
+        row.backend, str(row.case.shape), row.case.options, str(row.dtype).replace("torch.", ""),
+        format_error(row.error_v), format_error(row.error_grad_u), format_error(row.error_grad_weight),
+        format_error(row.error_grad_bias), format_error(row.error_fd), "pass" if row.passed else "FAIL",
+    ]
+
+
+# --- the command ------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_SUMMARY_HEADER = ("backend", "shape", "dtype", "cases", "max err v", "grad u", "grad W", "grad b", "fd", "result")
+
+
+def _summary(rows: List[Row]) -> List[List[str]]:
+    """One line per (backend, shape, dtype): the worst error over all routing options."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row.backend, str(row.case.shape), row.dtype)].append(row)
+
+    def worst(values):
+        present = [v for v in values if v is not None]
+        return max(present) if present else None
+
+    lines = []
+    for (backend, shape, dtype), group in groups.items():
+        lines.append([
+            backend, shape, str(dtype).replace("torch.", ""), str(len(group)),
+            *(format_error(worst(getattr(r, name) for r in group))
+              for name in ("error_v", "error_grad_u", "error_grad_weight", "error_grad_bias", "error_fd")),
+            "pass" if all(r.passed for r in group) else "FAIL",
+        ])
+    return lines
+
+
+def check_command(args: argparse.Namespace) -> int:
+    backends = args.backend or checked_by_default(args.device)
+    dtypes = [_DTYPES[name] for name in (args.dtype or list(_DTYPES))]
+    cases = full_cases() if args.full else small_cases() if args.small else default_cases()
+    print(
+        f"fastcaps check: {len(cases)} cases x {len(dtypes)} dtypes, backends {', '.join(backends)}; "
+        "oracle: the reference in float64 (errors are max|x - ref| / max|ref|)",
+        flush=True,
+    )
+    started = time.perf_counter()
+    rows = run(backends, cases, dtypes, seed=args.seed, device=args.device)
+    if args.verbose:
+        print(format_table([format_row(row) for row in rows], HEADER))
+    else:
+        print(format_table(_summary(rows), _SUMMARY_HEADER))
+    failed = [row for row in rows if not row.passed]
+    tolerances = ", ".join(f"{str(d).replace('torch.', '')} {t:g}" for d, t in TOLERANCE.items())
+    print(
+        f"\n{len(rows) - len(failed)} passed, {len(failed)} failed in {time.perf_counter() - started:.1f} s "
+        f"(tolerance: {tolerances}; finite difference {FD_TOLERANCE:g})"
+    )
+    for row in failed:
+        print("FAILED: " + "  ".join(format_row(row)))
+    return 1 if failed else 0
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "check", help="compare every available backend with the reference, values and gradients",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--backend", action="append", choices=BACKENDS,
+                        help="backend to check (repeatable; default: every one available on the device, but "
+                             "the Triton interpreter on CPU, which is checked when named)")
+    parser.add_argument("--device", default="cpu", help="device of the inputs, e.g. cpu or cuda")
+    parser.add_argument("--dtype", action="append", choices=list(_DTYPES),
+                        help="dtype to check (repeatable; default: float32 and float64)")
+    parser.add_argument("--full", action="store_true",
+                        help="the full grid: B in {1,3,17} x I in {1,7,1152} x J in {1,3,10}")
+    parser.add_argument("--small", action="store_true",
+                        help="the default cases without the MNIST shape (for the Triton interpreter)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--verbose", "-v", action="store_true", help="one line per case")
+    parser.set_defaults(run=check_command)

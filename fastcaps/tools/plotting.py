@@ -1,0 +1,10 @@
+"""matplotlib without a screen, for the tools' pictures."""
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

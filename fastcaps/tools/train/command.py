@@ -1,0 +1,54 @@
+"""``fastcaps train``: its command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch.distributed as dist
+
+from . import loop
+from .config import TrainConfig
+
+__all__ = ["add_parser"]
+
+
+def add_parser(commands) -> None:
+    defaults = TrainConfig()
+    parser = commands.add_parser("train", help="train the paper's CapsNet on real digits",
+                                 description=loop.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", help="folder of MNIST's IDX files (plain or .gz); default: "
+                                           "scikit-learn's 1,797 digits, split 80/20 with the seed")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="the global batch, split over torchrun's processes")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam's initial learning rate")
+    parser.add_argument("--lr-decay", type=float, default=defaults.lr_decay,
+                        help="learning rate x lr_decay every --lr-decay-steps steps, continuously")
+    parser.add_argument("--lr-decay-steps", type=int, default=defaults.lr_decay_steps)
+    parser.add_argument("--max-shift", type=int, default=defaults.max_shift,
+                        help="random shifts of up to this many pixels (0: none)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--backend", default=defaults.backend, help="routing backend of DigitCaps")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph=True)")
+    parser.add_argument("--out", default=defaults.out, help="folder for the checkpoint, history and pictures")
+    parser.add_argument("--resume", help="checkpoint.pt to continue from")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--conv-channels", type=int, default=defaults.conv_channels)
+    parser.add_argument("--primary-channels", type=int, default=defaults.primary_channels)
+    parser.add_argument("--iterations", type=int, default=defaults.iterations, help="routing iterations")
+    parser.add_argument("--limit", type=int, help="use only the first N training and test samples")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{name: value for name, value in vars(args).items() if name in fields})
+    try:
+        loop.train(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
