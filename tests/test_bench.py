@@ -77,16 +77,39 @@ def test_allocator_mode_is_set_on_glibc():
     assert bench.steady_state_allocator() is True
 
 
-def test_bench_command_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("processes", [[], ["--processes", "2"]], ids=["one-process", "2-per-group"])
+def test_bench_command_end_to_end(tmp_path, capsys, processes):
     json_path, chart_path = tmp_path / "b.json", tmp_path / "b.png"
     code = cli.main(["bench", "--case", "small", "--batch", "1", "--batch", "4", "--mode", "forward",
                      "--provider", "torch", "--repeats", "3", "--min-seconds", "0", "--warmup", "0",
-                     "--json", str(json_path), "--chart", str(chart_path)])
+                     "--json", str(json_path), "--chart", str(chart_path), *processes])
     assert code == 0
     output = capsys.readouterr().out
     assert "correctness check" in output and "speed-up" in output
+    assert ("every group in one worker process" in output) == (not processes)
     data = json.loads(json_path.read_text())
     assert data["meta"]["torch"] == torch.__version__ and "allocator" in data["meta"]
     assert {r["provider"] for r in data["results"]} == {"reference", "torch"}
     assert all(r["peak_mib"] is not None and len(r["samples_ms"]) >= 3 for r in data["results"])
+    assert data["meta"]["method"] in output and data["meta"]["seconds"] > 0
     assert chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _planned(*arguments):
+    from fastcaps.tools.bench import command
+
+    return command.apply_method(cli.build_parser().parse_args(["bench", *arguments]))
+
+
+def test_the_quick_default_and_the_full_method():
+    quick = _planned()
+    assert (quick.case, quick.batch, quick.iterations, quick.mode) == (["mnist"], [1, 128], [3], list(bench.MODES))
+    assert quick.one_process and quick.memory_modes == ["forward+backward"] and quick.min_seconds == 2.0
+    full = _planned("--full")
+    assert full.batch == [1, 32, 128] and not full.one_process and full.processes == 3
+    assert full.memory_modes == list(bench.MODES) and full.min_seconds == 4.0
+    # Options given explicitly win over the method.
+    assert not _planned("--processes", "2").one_process
+    assert _planned("--mode", "forward").memory_modes == ["forward"]
+    assert _planned("--no-memory").memory_modes == []
+    assert _planned("--full", "--batch", "8").batch == [8]

@@ -171,7 +171,8 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=_with_defaults)
 
 
-def _with_defaults(args) -> int:
+def apply_method(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every option the user did not give from the method (QUICK, or FULL with --full)."""
     method = FULL if args.full else QUICK
     # Asking for processes per group asks for each group's own processes.
     args.one_process = method["one_process"] and args.processes is None
@@ -182,4 +183,8 @@ def _with_defaults(args) -> int:
     args.memory_modes = [mode for mode in args.memory_modes if mode in args.mode] or list(args.mode)
     if args.no_memory:
         args.memory_modes = []
-    return bench_command(args)
+    return args
+
+
+def _with_defaults(args) -> int:
+    return bench_command(apply_method(args))
