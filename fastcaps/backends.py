@@ -153,8 +153,10 @@ def _kernel_module(folder: str, op: str):
     return importlib.import_module(f"fastcaps.kernels.{folder}.{op}")
 
 
-def kernels(backend: str, op: str = "dynamic_routing") -> RoutingKernels:
-    """The kernels of ``backend`` for ``op``: ``KERNELS`` of fastcaps/kernels/<backend>/<op>.py.
+def kernels(backend: str, op: str = "dynamic_routing", device: Optional[torch.device] = None) -> RoutingKernels:
+    """The kernels of ``backend`` for ``op``: ``KERNELS`` of fastcaps/kernels/<backend>/<op>.py,
+    checked to run on ``device`` when one is given (the op's fake, for meta tensors too,
+    gives none).
 
     The module is imported on first use (importing triton takes a while, and CPU users rarely
     need it) and its KERNELS read on every call, so a test can replace them."""
@@ -163,8 +165,9 @@ def kernels(backend: str, op: str = "dynamic_routing") -> RoutingKernels:
         with_kernels = [name for name, b in REGISTRY.items() if b.kernel_package is not None]
         raise ValueError(f"fastcaps::{op}: backend={backend!r} has no kernel; expected one of "
                          f"{', '.join(repr(name) for name in with_kernels)}")
-    if entry.name == "cpu" and _extension.problem() is not None:
-        raise RuntimeError(f"fastcaps::{op}: backend='cpu' cannot run: {_cpu_reason(torch.device('cpu'))}")
+    reason = None if device is None else entry.unavailable(device)
+    if reason is not None:
+        raise RuntimeError(f"fastcaps::{op}: backend={backend!r} cannot run on {device}: {reason}")
     return _kernel_module(entry.kernel_package, op).KERNELS
 
 

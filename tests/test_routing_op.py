@@ -164,3 +164,12 @@ def test_every_backend_with_kernels_has_them_where_the_registry_says():
             found = backends.kernels(name)
             assert isinstance(found, fastcaps.kernels.RoutingKernels)
             assert found.forward.__module__ == f"fastcaps.kernels.{entry.kernel_package}.dynamic_routing"
+
+
+def test_the_op_refuses_a_backend_that_cannot_run(monkeypatch):
+    """A direct call of the op gets the registry's reason (here: the C++ extension missing),
+    not an error from deep inside a launcher."""
+    monkeypatch.setattr(backends._extension, "problem", lambda: "the C++ extension is missing")
+    u, weight, bias = _small_inputs()
+    with pytest.raises(RuntimeError, match="backend='cpu' cannot run on cpu: the C\\+\\+ extension is missing"):
+        ops.routing(u, weight, bias, 3, False, "cpu")

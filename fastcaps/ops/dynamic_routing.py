@@ -33,7 +33,7 @@ def routing(
     detach_routing: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return kernels(backend).forward(u, weight, bias, iterations, detach_routing)
+    return kernels(backend, device=u.device).forward(u, weight, bias, iterations, detach_routing)
 
 
 @routing.register_fake
@@ -59,7 +59,8 @@ def routing_backward(
     detach_routing: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return kernels(backend).backward(grad_v, u, weight, bias, s, kept_u_hat, iterations, detach_routing)
+    return kernels(backend, device=u.device).backward(grad_v, u, weight, bias, s, kept_u_hat, iterations,
+                                                      detach_routing)
 
 
 @routing_backward.register_fake
