@@ -113,3 +113,14 @@ def test_the_quick_default_and_the_full_method():
     assert _planned("--mode", "forward").memory_modes == ["forward"]
     assert _planned("--no-memory").memory_modes == []
     assert _planned("--full", "--batch", "8").batch == [8]
+
+
+def test_the_json_names_the_cpu_its_vector_flags_and_the_kernels_build():
+    meta = report.machine()
+    assert meta["cpu"] and "cpu_vector_flags" in meta and "cpu_family" in meta
+    if "cpu" in available_backends("cpu"):
+        from fastcaps.kernels.cpu import extension
+
+        assert meta["cpu_kernels_build"] == extension.isa()
+        if "avx2" in meta["cpu_vector_flags"] and "avx512f" not in meta["cpu_vector_flags"]:
+            assert meta["cpu_kernels_build"] == "avx2"

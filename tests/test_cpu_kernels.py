@@ -1,5 +1,7 @@
-"""The C++ "cpu" backend: built, registered, and deterministic across thread counts."""
+"""The C++ "cpu" backend: built, registered, correct and deterministic across thread counts
+in every instruction-set build this CPU runs (FASTCAPS_CPU_ISA forces one)."""
 
+import os
 import platform
 import shutil
 import subprocess
@@ -10,11 +12,20 @@ import pytest
 import torch
 
 import fastcaps
+from fastcaps.kernels.cpu import extension
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in fastcaps.available_backends("cpu"),
     reason="the C++ extension is not built (pip install --no-build-isolation -e .)",
 )
+
+# Every build this CPU runs: AVX-512 where there is AVX-512, AVX2, and the baseline everywhere.
+BUILDS = extension.runnable_isas()
+
+
+def _with_build(isa: str) -> dict:
+    return dict(os.environ, FASTCAPS_CPU_ISA=isa)
+
 
 # Batch 5 runs one sample per thread with 1 thread and splits samples over capsule chunks
 # with 2 (csrc/dynamic_routing/layout.h, samples_in_parallel); batch 13 runs one sample per thread
@@ -36,16 +47,50 @@ _PROGRAM = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("isa", BUILDS)
 @pytest.mark.parametrize("detach", [False, True])
-def test_bitwise_identical_with_one_and_two_threads(tmp_path, detach):
+def test_bitwise_identical_with_one_and_two_threads(tmp_path, detach, isa):
     outputs = []
     for threads in (1, 2):
         path = tmp_path / f"{threads}.pt"
         subprocess.run([sys.executable, "-c", _PROGRAM.format(detach=detach), str(threads), str(path)],
-                       check=True, timeout=300)
+                       check=True, timeout=300, env=_with_build(isa))
         outputs.append(torch.load(path))
     for one, two in zip(*outputs):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+def test_every_build_passes_the_check(isa):
+    """fastcaps check's default cases, float32 and float64, values and gradients against the
+    float64 reference and finite differences, with each build forced."""
+    result = subprocess.run([sys.executable, "-m", "fastcaps", "check", "--backend", "cpu"], capture_output=True,
+                            text=True, timeout=600, env=_with_build(isa))
+    assert result.returncode == 0 and " 0 failed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_the_default_build_is_the_widest_the_cpu_runs():
+    assert extension.isa() == BUILDS[0] and BUILDS[-1] == "baseline"
+    if platform.machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() == "AVX2":
+        assert BUILDS[0] == "avx2"
+
+
+@pytest.mark.parametrize("forced, message", [
+    ("bogus", "FASTCAPS_CPU_ISA=bogus is not a build of fastcaps' C++ kernels; expected one of"),
+    ("unrunnable", "this CPU cannot run the"),
+])
+def test_forcing_a_build_that_cannot_run_warns_and_leaves_the_other_backends(forced, message):
+    if forced == "unrunnable":
+        missing = [isa for isa in ("avx512", "avx2") if isa not in BUILDS and platform.machine() == "x86_64"]
+        if not missing:
+            pytest.skip("this CPU runs every build")
+        forced = missing[0]
+    program = ("import warnings, fastcaps\n"
+               "print(fastcaps.available_backends('cpu'))\n")
+    result = subprocess.run([sys.executable, "-W", "always", "-c", program], capture_output=True, text=True,
+                            timeout=300, env=_with_build(forced))
+    assert result.returncode == 0, result.stderr
+    assert "'cpu'" not in result.stdout and message in result.stderr
 
 
 def test_forcing_cpu_on_another_device_names_the_reason():
@@ -58,10 +103,10 @@ def test_auto_picks_the_cpu_kernels_on_cpu_tensors():
     assert fastcaps.backends.resolve_backend("auto", torch.device("cpu")) == "cpu"
 
 
-# The kernels are compiled for AVX-512, AVX2 and baseline x86-64, and the loader picks one
-# (csrc/common/simd.h, FASTCAPS_CLONES). An AVX-512 machine runs the AVX-512 one; valgrind
-# emulates a CPU without AVX-512, so under it the AVX2 clone runs (on an AVX2 machine the
-# test runs the clone the machine runs anyway). The baseline clone is
+# The kernels are compiled for AVX-512, AVX2 and baseline x86-64, and the widest build the
+# CPU runs is taken (csrc/dynamic_routing/routing.cpp). valgrind emulates a CPU without
+# AVX-512, so under it the AVX2 build runs: on an AVX-512 machine that is the one path the
+# tests above cannot force. The baseline clone is
 # not run by any test here (no emulator without AVX2 is installed).
 _CLONE_PROGRAM = textwrap.dedent("""
     import itertools, torch, fastcaps
@@ -77,19 +122,18 @@ _CLONE_PROGRAM = textwrap.dedent("""
             results.append([v, *torch.autograd.grad(v, (u, w), grad)])
         for got, expected in zip(*results):
             torch.testing.assert_close(got, expected, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-6)
-    print("clone ok", torch.backends.cpu.get_cpu_capability())
+    print("build ok", fastcaps.kernels.cpu.extension.isa())
 """)
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None or platform.machine() != "x86_64",
                     reason="needs valgrind on x86-64")
-def test_avx2_clone_matches_the_reference():
+def test_avx2_build_under_valgrind_matches_the_reference():
     completed = subprocess.run(["valgrind", "-q", "--tool=none", sys.executable, "-c", _CLONE_PROGRAM],
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    # The CPU valgrind shows has no AVX-512 (torch reads the same CPUID as the loader), so
-    # what passed was not the AVX-512 clone.
-    assert "clone ok AVX2" in completed.stdout, completed.stdout
+    # The CPU valgrind shows has no AVX-512, so what passed was not the AVX-512 build.
+    assert "build ok avx2" in completed.stdout, completed.stdout
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -108,7 +152,8 @@ def test_kept_u_hat_gives_the_recomputing_backward(in_dim, dtype, detach, batch)
     weight = torch.randn(4, 37, 6, in_dim, generator=g, dtype=dtype) * 0.3
     bias = torch.randn(4, 6, generator=g, dtype=dtype) * 0.3
     v, s, kept_u_hat = cpu_kernels.routing_forward(u, weight, bias, 3, detach)
-    lanes = 64 // dtype.itemsize
+    lanes = torch.ops.fastcaps._routing_cpu_kept_layout(dtype)[0]
+    assert lanes * dtype.itemsize in (64, 32, 16)  # one vector of the build: AVX-512, AVX2, baseline
     assert kept_u_hat.numel() == batch * -(-37 // lanes) * lanes * 4 * 6
     grad_v = torch.randn(v.shape, generator=g, dtype=dtype)
     kept = cpu_kernels.routing_backward(grad_v, u, weight, bias, s, kept_u_hat, 3, detach)
@@ -130,7 +175,8 @@ def test_kept_u_hat_of_the_wrong_size_is_refused():
 def test_one_sample_predicts_u_hat_from_the_rows_of_w(in_dim, out_dim, dtype):
     """At B = 1 the forward takes u_hat from W's rows by a butterfly over segments of in_dim
     lanes (csrc/dynamic_routing/rows.h, predict_from_rows) where in_dim is a power of two of at
-    most one vector (16 floats, 8 doubles), and packs W otherwise (5, and 16 in float64).
+    most one vector (16 floats and 8 doubles in the AVX-512 build, 8 and 4 in AVX2), and packs
+    W otherwise (5, and the wider in_dims).
     Rows of out_dim * in_dim values end inside a vector at the odd sizes; 301 capsules end
     inside a block."""
     g = torch.Generator().manual_seed(in_dim * 100 + out_dim)

@@ -70,10 +70,12 @@ def test_saved_state_is_s_per_iteration_and_small_batches_u_hat(backend, batch):
     assert s.shape == (batch, 3, 4, 3) and not s.requires_grad and not kept_u_hat.requires_grad
     # s[:, t] is the pre-squash sum of iteration t: the last one squashes to v.
     torch.testing.assert_close(fastcaps.squash(s[:, -1]), v)
-    # Only the C++ kernels keep u_hat, and only up to 4 samples: (B, 3 blocks of 8 float64
-    # capsules, J * D) vectors of 8 lanes.
+    # Only the C++ kernels keep u_hat, and only up to 4 samples: (B, blocks of `lanes` float64
+    # capsules, J * D) vectors of `lanes` values, the width of the build that runs (8 doubles
+    # in the AVX-512 build, 4 in AVX2, 2 in the baseline).
     kept = backend == "cpu" and batch <= 4
-    assert kept_u_hat.shape == ((batch * 3 * 4 * 3 * 8,) if kept else (0,))
+    lanes = torch.ops.fastcaps._routing_cpu_kept_layout(torch.float64)[0] if kept else 0
+    assert kept_u_hat.shape == ((batch * -(-21 // lanes) * lanes * 4 * 3,) if kept else (0,))
     # The fake (torch.compile, meta tensors) gives the kernel's size.
     assert backends.kernels(backend).kept_numel(batch, 21, 4, 3, torch.float64) == kept_u_hat.numel()
 

@@ -1,9 +1,13 @@
-// SIMD building blocks shared by the CPU kernels: GCC vector types of 64 bytes (16 floats or
-// 8 doubles), the function-multiversioning macros, a lane-wise exp, 64-byte aligned arrays,
-// in-register transposes, tile loads and stores, and prefetch.
+// SIMD building blocks shared by the CPU kernels: GCC vector types of the instruction set's
+// native width, a lane-wise exp, aligned arrays, in-register transposes, tile loads and
+// stores, and prefetch.
 //
-// Include from one translation unit per op: the helpers are forced inline so that each
-// instruction-set clone of a kernel (FASTCAPS_CLONES) compiles them for its own ISA.
+// The kernels are compiled once per instruction set, each in a translation unit of its own
+// (csrc/<op>/isa_*.cpp) that defines, before including the kernels:
+//   FASTCAPS_ISA            the namespace of that build (avx512, avx2, baseline);
+//   FASTCAPS_VECTOR_BYTES   its vector width: 64 (AVX-512), 32 (AVX2), 16 (SSE2, NEON);
+// and compiles them for that instruction set (#pragma GCC target). Everything here has
+// internal linkage inside fastcaps::FASTCAPS_ISA, so the builds never share a function.
 
 #pragma once
 
@@ -17,26 +21,23 @@
 #include <memory>
 #include <type_traits>
 #include <utility>
-// The hot functions are compiled three times, for AVX-512 (x86-64-v4), AVX2+FMA
-// (x86-64-v3) and baseline x86-64, and the dynamic loader picks the best one the machine
-// runs (GCC function multi-versioning). The build itself stays portable: no -march=native.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define FASTCAPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTCAPS_CLONES
+#if !defined(FASTCAPS_ISA) || !defined(FASTCAPS_VECTOR_BYTES)
+#error "include the kernels from an instruction-set build (csrc/<op>/isa_*.cpp), which defines both"
 #endif
-// Helpers are forced inline so that each clone compiles them for its own instruction set.
-#define FASTCAPS_INLINE inline __attribute__((always_inline))
 
-namespace fastcaps {
-namespace {
+// The helpers are forced inline into the kernels that call them (the lambdas too).
+#define FASTCAPS_INLINE inline __attribute__((always_inline))
+#define FASTCAPS_KERNELS_BEGIN namespace fastcaps { namespace FASTCAPS_ISA { namespace {
+#define FASTCAPS_KERNELS_END } } }
+
+FASTCAPS_KERNELS_BEGIN
 
 template <typename T>
 struct Simd {
-  typedef T vec __attribute__((vector_size(64)));
+  typedef T vec __attribute__((vector_size(FASTCAPS_VECTOR_BYTES)));
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> integer;
-  typedef integer ivec __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(T);
+  typedef integer ivec __attribute__((vector_size(FASTCAPS_VECTOR_BYTES)));
+  static constexpr int64_t lanes = FASTCAPS_VECTOR_BYTES / sizeof(T);
 };
 template <typename T>
 using Vec = typename Simd<T>::vec;
@@ -78,17 +79,20 @@ FASTCAPS_INLINE Vec<T> exp_nonpositive(Vec<T> x) {
 }
 
 // n vectors, 64-byte aligned (std::vector<Vec<T>> drops the vector type's alignment, and
-// aligned vector loads of misaligned memory fault). Not initialized: users write before reading.
+// aligned vector loads of misaligned memory fault; 64 is a cache line and every width's
+// multiple). Not initialized: users write before reading.
 template <typename T>
 class LaneArray {
  public:
-  explicit LaneArray(int64_t n = 0) : size_(n), memory_(std::aligned_alloc(64, std::max<int64_t>(n, 1) * 64)) {
-    TORCH_CHECK(memory_ != nullptr, "routing_cpu: out of memory allocating ", n * 64, " bytes");
+  explicit LaneArray(int64_t n = 0) : size_(n), memory_(std::aligned_alloc(64, bytes(n))) {
+    TORCH_CHECK(memory_ != nullptr, "routing_cpu: out of memory allocating ", bytes(n), " bytes");
   }
   Vec<T>* data() const { return static_cast<Vec<T>*>(memory_.get()); }
   int64_t size() const { return size_; }
 
  private:
+  // aligned_alloc takes a multiple of the alignment.
+  static std::size_t bytes(int64_t n) { return (std::max<int64_t>(n, 1) * sizeof(Vec<T>) + 63) / 64 * 64; }
   struct Free {
     void operator()(void* memory) const { std::free(memory); }
   };
@@ -162,5 +166,4 @@ FASTCAPS_INLINE void prefetch(const T* start, int64_t count) {
   for (int64_t byte = 0; byte < count * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(bytes + byte);
 }
 
-}  // namespace
-}  // namespace fastcaps
+FASTCAPS_KERNELS_END

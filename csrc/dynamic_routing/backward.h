@@ -15,8 +15,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace fastcaps {
-namespace {
+FASTCAPS_KERNELS_BEGIN
 
 // Per-sample routing state the backward needs: V_{t-1} and sigma_t = dL/ds_t, (B, r, jd) each.
 template <typename T>
@@ -56,7 +55,7 @@ FASTCAPS_INLINE void prediction_gradients(const Dims& d, const BackwardState<T>&
 // if there is one, else recomputed), then grad u = W^T g and grad W += u g^T, written in the
 // caller's layouts.
 template <typename T>
-FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& state, const Vec<T>* kept_u_hat,
+void gradient_block(const Packed<T>& p, const BackwardState<T>& state, const Vec<T>* kept_u_hat,
                                     int64_t blk, Scratch<T>& scratch, T* grad_u, T* grad_weight) {
   const Dims& d = p.d;
   const int64_t Din = d.in_dim, jd = p.jd;
@@ -105,7 +104,7 @@ FASTCAPS_CLONES void gradient_block(const Packed<T>& p, const BackwardState<T>& 
 // (gradient_rows); otherwise a value at a time, the block's run of W[j] for each j in turn.
 // capsule_grads holds B * kLanes * jd values and kLanes of padding.
 template <typename T>
-FASTCAPS_CLONES void gradient_block_from_kept(const Packed<T>& p, const BackwardState<T>& state,
+void gradient_block_from_kept(const Packed<T>& p, const BackwardState<T>& state,
                                               const Vec<T>* kept_u_hat, const T* u, int64_t blk,
                                               Scratch<T>& scratch, T* capsule_grads, T* grad_u, T* grad_weight) {
   const Dims& d = p.d;
@@ -212,5 +211,4 @@ void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool d
   });
 }
 
-}  // namespace
-}  // namespace fastcaps
+FASTCAPS_KERNELS_END

@@ -9,8 +9,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace fastcaps {
-namespace {
+FASTCAPS_KERNELS_BEGIN
 
 template <typename T>
 void forward_kernel(const Packed<T>& p, const T* bias, T* v_out, T* s_out, Vec<T>* kept_u_hat) {
@@ -32,5 +31,4 @@ void forward_kernel(const Packed<T>& p, const T* bias, T* v_out, T* s_out, Vec<T
   run_passes(p, r, pass_of, finish, kept_u_hat);
 }
 
-}  // namespace
-}  // namespace fastcaps
+FASTCAPS_KERNELS_END

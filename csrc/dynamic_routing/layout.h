@@ -13,8 +13,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace fastcaps {
-namespace {
+FASTCAPS_KERNELS_BEGIN
 
 struct Dims {
   int64_t batch, in_caps, in_dim, out_caps, out_dim, iterations;
@@ -58,7 +57,7 @@ inline std::vector<int64_t> packed_offsets(const Dims& d) {
 }
 
 template <typename T>
-FASTCAPS_CLONES void pack_weight_block(const Dims& d, const int64_t* offset, const T* weight, int64_t blk, Vec<T>* out) {
+void pack_weight_block(const Dims& d, const int64_t* offset, const T* weight, int64_t blk, Vec<T>* out) {
   const int64_t L = kLanes<T>, columns = d.out_dim * d.in_dim, used = std::min(L, d.in_caps - blk * L);
   Vec<T> tile[kLanes<T>];
   for (int64_t j = 0; j < d.out_caps; ++j) {
@@ -91,7 +90,7 @@ FASTCAPS_INLINE void unpack_weight_block(const Dims& d, const int64_t* offset, c
 
 // u[b, blk*L + l, e] -> out[e][l], and back (grad u).
 template <typename T>
-FASTCAPS_CLONES void pack_input_block(const Dims& d, const T* u, int64_t b, int64_t blk, Vec<T>* out) {
+void pack_input_block(const Dims& d, const T* u, int64_t b, int64_t blk, Vec<T>* out) {
   const int64_t L = kLanes<T>, used = std::min(L, d.in_caps - blk * L);
   Vec<T> tile[kLanes<T>];
   for (int64_t c0 = 0; c0 < d.in_dim; c0 += L) {
@@ -122,5 +121,4 @@ FASTCAPS_INLINE void unpack_input_block(const Dims& d, const Vec<T>* packed, int
   unpack_lanes(packed, d.in_dim, std::min(L, d.in_caps - blk * L), u + (b * d.in_caps + blk * L) * d.in_dim, d.in_dim);
 }
 
-}  // namespace
-}  // namespace fastcaps
+FASTCAPS_KERNELS_END

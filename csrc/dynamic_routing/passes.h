@@ -14,8 +14,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace fastcaps {
-namespace {
+FASTCAPS_KERNELS_BEGIN
 
 template <typename T>
 Packed<T> pack(const Dims& d, const T* u, const T* weight, bool share_weight) {
@@ -133,7 +132,7 @@ struct Pass {
 };
 
 template <typename T>
-FASTCAPS_CLONES void sweep_chunk(const Packed<T>& p, const Pass<T>& pass, const Vec<T>* chunk_weight,
+void sweep_chunk(const Packed<T>& p, const Pass<T>& pass, const Vec<T>* chunk_weight,
                                  Vec<T>* uh_sample, Scratch<T>& scratch, T* partial) {
   const int64_t J = p.d.out_caps, D = p.d.out_dim, jd = p.jd;
   Vec<T>* sums = scratch.sums.data();
@@ -225,5 +224,4 @@ void sum_chunks(const T* partials, int64_t chunks, int64_t jd, T* out) {
     for (int64_t k = 0; k < jd; ++k) out[k] += partials[chunk * jd + k];
 }
 
-}  // namespace
-}  // namespace fastcaps
+FASTCAPS_KERNELS_END

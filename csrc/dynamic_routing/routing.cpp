@@ -1,8 +1,11 @@
 // Fused CPU routing kernels: DESIGN.md sections 2-3 without materializing u_hat for the batch.
 //
-// One translation unit: the headers beside it (layout, rows, passes, squash, forward,
-// backward; tuning.h holds the thresholds) are included here only, so that every clone of
-// a kernel inlines its helpers for its own instruction set.
+// This file picks, once per process, one instruction-set build of the kernels and registers
+// it. Each build (isa_avx512.cpp, isa_avx2.cpp, isa_baseline.cpp) compiles the headers beside
+// it (layout, rows, passes, squash, forward, backward, kernels; tuning.h holds the
+// thresholds) for its own instruction set, at its own vector width: 16, 8 or 4 floats.
+// FASTCAPS_CPU_ISA=avx512|avx2|baseline forces one (read once); by default the widest the CPU
+// runs. fastcaps::_routing_cpu_isa() says which runs, _routing_cpu_isas() which could.
 //
 // Schemas are defined in Python (fastcaps/kernels/cpu/dynamic_routing.py); this file
 // implements them for the CPU dispatch key. Arguments (all contiguous):
@@ -11,8 +14,9 @@
 //   bias    (J, D) or an empty tensor
 //   s       (B, r, J, D)     each iteration's pre-squash sum, saved for the backward
 //
-// SIMD across input capsules. Capsules are taken in blocks of kLanes (64 bytes of T: 16
-// floats or 8 doubles; the last block is zero-padded), and every per-capsule quantity of a
+// SIMD across input capsules. Capsules are taken in blocks of kLanes (one vector of T: 16
+// floats in the AVX-512 build, 8 in AVX2, 4 in the baseline; the last block is zero-padded),
+// and every per-capsule quantity of a
 // block is one vector whose lane l belongs to capsule block * kLanes + l. u_hat for a block
 // is then jd = J*D vectors, and the logits, softmax, coupling gradients and sums over
 // capsules are all lane-wise arithmetic: no horizontal sums in the inner loops, for any J
@@ -32,101 +36,120 @@
 // partials added in chunk order, and grad W is summed over the batch in batch order by the
 // one thread that owns a block, so results are bitwise identical for any thread count.
 
-#include "backward.h"
-#include "forward.h"
-#include "layout.h"
-#include "tuning.h"
+#include "../common/builds.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace fastcaps {
+
+// What every instruction-set build exports (kernels.h defines them in fastcaps::<isa>).
+#define FASTCAPS_DECLARE_BUILD(isa)                                                                         \
+  namespace isa {                                                                                           \
+  std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, const at::Tensor& weight,      \
+                                                         const at::Tensor& bias, int64_t iterations,        \
+                                                         const at::Tensor& kept_u_hat);                      \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(                                      \
+      const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& weight, const at::Tensor& s,         \
+      const at::Tensor& kept_u_hat, int64_t iterations, bool detach_routing);                               \
+  std::tuple<int64_t, int64_t> kept_layout(c10::ScalarType dtype);                                          \
+  }
+#if defined(FASTCAPS_X86_BUILDS)
+FASTCAPS_DECLARE_BUILD(avx512)
+FASTCAPS_DECLARE_BUILD(avx2)
+#endif
+FASTCAPS_DECLARE_BUILD(baseline)
+#undef FASTCAPS_DECLARE_BUILD
+
 namespace {
 
-Dims dims_of(const at::Tensor& u, const at::Tensor& weight, int64_t iterations) {
-  TORCH_CHECK(u.dim() == 3, "routing_cpu: u must be (batch, in_caps, in_dim), got ", u.sizes());
-  TORCH_CHECK(weight.dim() == 4, "routing_cpu: weight must be (out_caps, in_caps, out_dim, in_dim), got ",
-              weight.sizes());
-  TORCH_CHECK(iterations >= 1, "routing_cpu: iterations must be >= 1, got ", iterations);
-  TORCH_CHECK(weight.size(1) == u.size(1) && weight.size(3) == u.size(2), "routing_cpu: weight of shape ",
-              weight.sizes(), " does not match u of shape ", u.sizes());
-  TORCH_CHECK(u.scalar_type() == weight.scalar_type(), "routing_cpu: u and weight must share a dtype");
-  TORCH_INTERNAL_ASSERT(u.is_contiguous() && weight.is_contiguous(), "routing_cpu: the launcher passes contiguous tensors");
-  return Dims{u.size(0), u.size(1), u.size(2), weight.size(0), weight.size(2), iterations};
+struct Build {
+  const char* name;
+  bool (*runs_here)();
+  decltype(&baseline::routing_cpu_forward) forward;
+  decltype(&baseline::routing_cpu_backward) backward;
+  decltype(&baseline::kept_layout) kept_layout;
+};
+
+// Widest first: the default is the first one the CPU runs.
+const std::vector<Build>& builds() {
+  static const std::vector<Build> all = {
+#if defined(FASTCAPS_X86_BUILDS)
+      {"avx512", [] { return __builtin_cpu_supports("x86-64-v4") > 0; }, &avx512::routing_cpu_forward,
+       &avx512::routing_cpu_backward, &avx512::kept_layout},
+      {"avx2", [] { return __builtin_cpu_supports("x86-64-v3") > 0; }, &avx2::routing_cpu_forward,
+       &avx2::routing_cpu_backward, &avx2::kept_layout},
+#endif
+      {"baseline", [] { return true; }, &baseline::routing_cpu_forward, &baseline::routing_cpu_backward,
+       &baseline::kept_layout},
+  };
+  return all;
 }
 
-// The forward's u_hat kept for the backward in `kept_u_hat` (B x blocks x jd vectors), or
-// null when the launcher passed an empty tensor (it asks _routing_cpu_kept_layout when to keep).
-template <typename T>
-Vec<T>* kept_u_hat_vectors(const at::Tensor& kept_u_hat, const Dims& d) {
-  if (kept_u_hat.numel() == 0) return nullptr;
-  TORCH_CHECK(kept_u_hat.numel() == d.batch * d.blocks<T>() * d.jd() * kLanes<T> && kept_u_hat.is_contiguous() &&
-                  kept_u_hat.scalar_type() == c10::CppTypeToScalarType<T>::value,
-              "routing_cpu: kept_u_hat must be empty or hold batch * ceil(in_caps / ", kLanes<T>, ") * ", kLanes<T>,
-              " * out_caps * out_dim contiguous values of u's dtype, got ", kept_u_hat.numel());
-  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(kept_u_hat.data_ptr()) % 64 == 0,
-              "routing_cpu: kept_u_hat must be 64-byte aligned");
-  return static_cast<Vec<T>*>(kept_u_hat.data_ptr());
+std::string names_of_builds() {
+  std::string names;
+  for (const Build& build : builds()) names += (names.empty() ? "" : ", ") + std::string(build.name);
+  return names;
+}
+
+// The build every call runs: FASTCAPS_CPU_ISA's if set, else the widest the CPU runs; chosen
+// on the first call and kept for the process, so that a forward and its backward agree on the
+// layout of the kept u_hat. A forced build the CPU cannot run is an error, not a fallback.
+const Build& chosen() {
+  static const Build* build = [] {
+    const char* forced = std::getenv("FASTCAPS_CPU_ISA");
+    if (forced == nullptr || *forced == '\0') {
+      for (const Build& candidate : builds())
+        if (candidate.runs_here()) return &candidate;
+    }
+    for (const Build& candidate : builds()) {
+      if (forced == std::string(candidate.name)) {
+        TORCH_CHECK(candidate.runs_here(), "FASTCAPS_CPU_ISA=", forced, ": this CPU cannot run the ", forced,
+                    " build of fastcaps' C++ kernels");
+        return &candidate;
+      }
+    }
+    TORCH_CHECK(false, "FASTCAPS_CPU_ISA=", forced, " is not a build of fastcaps' C++ kernels; expected one of ",
+                names_of_builds());
+    return static_cast<const Build*>(nullptr);
+  }();
+  return *build;
 }
 
 std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, const at::Tensor& weight,
                                                        const at::Tensor& bias, int64_t iterations,
                                                        const at::Tensor& kept_u_hat) {
-  const Dims d = dims_of(u, weight, iterations);
-  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == d.jd() && bias.is_contiguous() && bias.scalar_type() == u.scalar_type()),
-              "routing_cpu: bias must be empty or a contiguous (out_caps, out_dim) tensor of u's dtype");
-  at::Tensor v = at::empty({d.batch, d.out_caps, d.out_dim}, u.options());
-  at::Tensor s = at::empty({d.batch, d.iterations, d.out_caps, d.out_dim}, u.options());
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "routing_cpu_forward", [&] {
-    const Packed<scalar_t> p =
-        pack(d, u.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), samples_in_parallel(d.batch));
-    forward_kernel<scalar_t>(p, bias.numel() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                             v.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>(),
-                             kept_u_hat_vectors<scalar_t>(kept_u_hat, d));
-  });
-  return {v, s};
+  return chosen().forward(u, weight, bias, iterations, kept_u_hat);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Tensor& grad_v, const at::Tensor& u,
                                                                     const at::Tensor& weight, const at::Tensor& s,
                                                                     const at::Tensor& kept_u_hat, int64_t iterations,
                                                                     bool detach_routing) {
-  const Dims d = dims_of(u, weight, iterations);
-  TORCH_INTERNAL_ASSERT(grad_v.is_contiguous() && s.is_contiguous());
-  TORCH_CHECK(grad_v.numel() == d.batch * d.jd() && s.numel() == d.batch * d.iterations * d.jd(),
-              "routing_cpu: grad_v or s has the wrong size for u and weight");
-  at::Tensor grad_u = at::empty_like(u);
-  at::Tensor grad_weight = at::empty_like(weight);
-  at::Tensor grad_bias = at::empty({d.out_caps, d.out_dim}, u.options());
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "routing_cpu_backward", [&] {
-    const Vec<scalar_t>* kept = kept_u_hat_vectors<scalar_t>(kept_u_hat, d);
-    // A shared packed W pays only for phase A's passes over many samples; without it,
-    // phase B packs each block into its scratch (Scratch::packed_weight). With the
-    // forward's u_hat kept, phase A never reads W, and at B = 1 phase B reads it unpacked.
-    const bool share_weight = kept == nullptr && !detach_routing && iterations > 1 && samples_in_parallel(d.batch);
-    const Packed<scalar_t> p = pack(d, u.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), share_weight);
-    backward_kernel<scalar_t>(p, grad_v.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), detach_routing, kept,
-                              u.const_data_ptr<scalar_t>(), grad_u.mutable_data_ptr<scalar_t>(),
-                              grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
-  });
-  return {grad_u, grad_weight, grad_bias};
+  return chosen().backward(grad_v, u, weight, s, kept_u_hat, iterations, detach_routing);
 }
 
-// (lanes, samples): the kept u_hat has batch * ceil(in_caps / lanes) * lanes * out_caps *
-// out_dim values of `dtype` for batches of at most `samples`, and is empty beyond. The
-// launcher and the op's fake tensor read the size from here, so that they agree with the
-// kernels whatever the vector width.
+// (lanes, samples) of the build that runs: the launcher and the op's fake tensor read the
+// kept u_hat's size from here, so that they agree with the kernels whatever the vector width.
 std::tuple<int64_t, int64_t> routing_cpu_kept_layout(c10::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "routing_cpu: the kernels compute in float32 or float64, not ", dtype);
-  return {dtype == at::kFloat ? kLanes<float> : kLanes<double>, kKeepUHatSamples};
+  return chosen().kept_layout(dtype);
+}
+
+std::string routing_cpu_isa() {
+  return chosen().name;
+}
+
+std::vector<std::string> routing_cpu_isas() {
+  std::vector<std::string> runnable;
+  for (const Build& build : builds())
+    if (build.runs_here()) runnable.push_back(build.name);
+  return runnable;
 }
 
 }  // namespace
@@ -134,6 +157,8 @@ std::tuple<int64_t, int64_t> routing_cpu_kept_layout(c10::ScalarType dtype) {
 
 TORCH_LIBRARY_FRAGMENT(fastcaps, m) {
   m.def("_routing_cpu_kept_layout(ScalarType dtype) -> (int, int)", &fastcaps::routing_cpu_kept_layout);
+  m.def("_routing_cpu_isa() -> str", &fastcaps::routing_cpu_isa);
+  m.def("_routing_cpu_isas() -> str[]", &fastcaps::routing_cpu_isas);
 }
 
 TORCH_LIBRARY_IMPL(fastcaps, CPU, m) {

@@ -15,8 +15,7 @@
 #include <utility>
 #include <vector>
 
-namespace fastcaps {
-namespace {
+FASTCAPS_KERNELS_BEGIN
 
 // --- u_hat from W's rows -------------------------------------------------------------------
 // For a W that serves one sample (B = 1), packing it costs more than everything else in the
@@ -155,7 +154,7 @@ FASTCAPS_INLINE void predict_rows(const Dims& d, const int64_t* lane_outputs, co
 }
 
 template <typename T>
-FASTCAPS_CLONES void predict_from_rows(const Packed<T>& p, int64_t blk, const Vec<T>* x, Vec<T>* uh) {
+void predict_from_rows(const Packed<T>& p, int64_t blk, const Vec<T>* x, Vec<T>* uh) {
   // Forced inline, as the helpers are: a lambda is otherwise compiled once, for baseline x86-64.
   with_segment_length<T>(p.d.in_dim, [&](auto g) __attribute__((always_inline)) {
     predict_rows<T, g()>(p.d, p.row_outputs.data(), p.weight, blk, x, uh);
@@ -228,5 +227,4 @@ FASTCAPS_INLINE void gradient_rows(const Dims& d, const T* weight, const T* u, c
     }
 }
 
-}  // namespace
-}  // namespace fastcaps
+FASTCAPS_KERNELS_END

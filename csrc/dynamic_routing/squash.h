@@ -3,12 +3,13 @@
 
 #pragma once
 
+#include "../common/simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
-namespace fastcaps {
-namespace {
+FASTCAPS_KERNELS_BEGIN
 
 // |s| of one capsule, taken on s / max|s_k| so that its squares neither overflow nor underflow.
 template <typename T>
@@ -55,5 +56,4 @@ void squash_backward(const T* s, const T* g, int64_t J, int64_t D, T* sigma) {
   }
 }
 
-}  // namespace
-}  // namespace fastcaps
+FASTCAPS_KERNELS_END

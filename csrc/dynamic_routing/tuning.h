@@ -4,10 +4,11 @@
 
 #pragma once
 
+#include "../common/simd.h"
+
 #include <cstdint>
 
-namespace fastcaps {
-namespace {
+FASTCAPS_KERNELS_BEGIN
 
 // Capsule sums are combined per chunk of this many blocks (64 MNIST capsules in float32):
 // the unit of work when few samples are split across threads. Chosen by reasoning, not by a
@@ -41,5 +42,4 @@ constexpr int64_t kNativeGradientSamples = 1;
 // 1.36x at B = 4. The Python launcher asks for it (routing_cpu_kept_layout).
 constexpr int64_t kKeepUHatSamples = 4;
 
-}  // namespace
-}  // namespace fastcaps
+FASTCAPS_KERNELS_END

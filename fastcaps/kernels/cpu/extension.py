@@ -8,7 +8,7 @@ says why and how to rebuild, and ``problem()`` returns that reason for error mes
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -42,8 +42,25 @@ def _load() -> Optional[str]:
     for name in _CPU_QUERIES:
         if not hasattr(torch.ops.fastcaps, name):
             return f"the C++ extension fastcaps._C is stale: it does not define fastcaps::{name}"
+    try:
+        isa = torch.ops.fastcaps._routing_cpu_isa()  # chooses the instruction-set build, once
+    except RuntimeError as error:  # FASTCAPS_CPU_ISA names a build this CPU cannot run
+        return str(error).splitlines()[0]
     dynamic_routing.read_kept_layout()
+    global _isa
+    _isa = isa
     return None
+
+
+def isa() -> Optional[str]:
+    """The instruction-set build of the C++ kernels that runs ("avx512", "avx2" or "baseline";
+    FASTCAPS_CPU_ISA forces one), or None without the extension."""
+    return _isa
+
+
+def runnable_isas() -> List[str]:
+    """The builds this CPU can run, widest first (empty without the extension)."""
+    return list(torch.ops.fastcaps._routing_cpu_isas()) if _problem is None else []
 
 
 def problem() -> Optional[str]:
@@ -52,8 +69,9 @@ def problem() -> Optional[str]:
 
 
 _CPU_KERNELS = ("fastcaps::routing_cpu_forward", "fastcaps::routing_cpu_backward")
+_isa: Optional[str] = None
 # Operators the extension defines in C++ (no dispatch key): a build from older sources lacks them.
-_CPU_QUERIES = ("_routing_cpu_kept_layout",)
+_CPU_QUERIES = ("_routing_cpu_kept_layout", "_routing_cpu_isa", "_routing_cpu_isas")
 _problem = _load()
 if _problem is not None:
     warnings.warn(

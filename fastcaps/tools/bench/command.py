@@ -122,6 +122,9 @@ def bench_command(args) -> int:
                           x={"batch": point.batch, "in_caps": point.shape.in_caps,
                              "out_caps": point.shape.out_caps, "iterations": point.iterations}[sweep])
     print(report.table(records))
+    print(f"\nCPU: {meta['cpu']} (family {meta['cpu_family']}, model {meta['cpu_model']}), vector flags "
+          f"{' '.join(meta['cpu_vector_flags']) or 'none found'}; C++ kernels: the "
+          f"{meta['cpu_kernels_build'] or 'missing'} build")
     meta["matmul_gflops"] = round(bench.matmul_rate(device, args.dtype), 1)
     print(f"\nthis machine's {args.dtype} matrix multiply (torch.mm 2048 x 2048, {torch.get_num_threads()} threads): "
           f"{meta['matmul_gflops']} GFLOP/s; GFLOP/s above count DESIGN.md section 6's arithmetic")

@@ -89,18 +89,40 @@ def table(records: Sequence[dict]) -> str:
     return format_table(lines, TABLE_HEADER)
 
 
-def machine() -> dict:
-    """What a result is a fact about."""
-    cpu = platform.processor()
+# The flags that say which vector instructions a CPU has (x86-64: /proc/cpuinfo "flags";
+# aarch64: "Features").
+_VECTOR_FLAGS = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "asimd", "sve")
+
+
+def cpu_description() -> dict:
+    """The CPU as /proc/cpuinfo names it: model name, family and model numbers, vector flags,
+    and which build of the C++ kernels runs on it (``None`` without the extension)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in info:
+                if ":" not in line:
+                    if fields:
+                        break  # the first processor is enough
+                    continue
+                key, value = (part.strip() for part in line.split(":", 1))
+                fields.setdefault(key, value)
+    except OSError:
         pass
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    from ...kernels.cpu import extension
+
+    return {"cpu": fields.get("model name") or platform.processor(), "cpu_family": fields.get("cpu family"),
+            "cpu_model": fields.get("model"), "cpu_vector_flags": [flag for flag in _VECTOR_FLAGS if flag in flags],
+            "cpu_kernels_build": extension.isa()}
+
+
+def machine() -> dict:
+    """What a result is a fact about."""
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in ["fastcaps", *sys.argv[1:]]),
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), **cpu_description(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__,
         "fastcaps": __version__,
