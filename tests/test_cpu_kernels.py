@@ -103,11 +103,46 @@ def test_auto_picks_the_cpu_kernels_on_cpu_tensors():
     assert fastcaps.backends.resolve_backend("auto", torch.device("cpu")) == "cpu"
 
 
+def test_a_samples_bits_do_not_depend_on_its_tile():
+    """Samples are swept and differentiated in tiles of kSampleTile (4) that share each read
+    of W (csrc/dynamic_routing/tuning.h): samples 4-6 are a tile of 3 in a batch of 7 and part
+    of a tile of 4 in a batch of 9, and must give the same bits in both."""
+    g = torch.Generator().manual_seed(3)
+    u = fastcaps.squash(torch.randn(9, 301, 8, generator=g, dtype=torch.float64)).float()
+    w = (torch.randn(7, 301, 11, 8, generator=g) * 0.3).requires_grad_()
+    grad = torch.randn(9, 7, 11, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one sample per thread from 4 samples (samples_in_parallel)
+    try:
+        results = []
+        for batch in (7, 9):
+            x = u[:batch].clone().requires_grad_()
+            v = fastcaps.dynamic_routing(x, w, None, 3, backend="cpu")
+            results.append((v.detach(), *torch.autograd.grad(v, (x,), grad[:batch])))
+    finally:
+        torch.set_num_threads(threads)
+    for seven, nine in zip(*results):
+        assert torch.equal(seven, nine[:7])
+
+
+def test_a_build_missing_for_this_cpu_is_named(monkeypatch):
+    """An extension compiled without a wide build this CPU runs (clang compiles the baseline
+    only) is found, so that import warns; forcing a build turns that off."""
+    if not extension.runnable_isas() or extension.runnable_isas()[0] == "baseline":
+        pytest.skip("this CPU runs no wide build")
+    widest = extension.runnable_isas()[0]
+    monkeypatch.delenv("FASTCAPS_CPU_ISA", raising=False)
+    assert extension._missing_wide_build() is None
+    monkeypatch.setattr(extension, "runnable_isas", lambda: ["baseline"])
+    assert extension._missing_wide_build() == widest
+    monkeypatch.setenv("FASTCAPS_CPU_ISA", "baseline")
+    assert extension._missing_wide_build() is None
+
+
 # The kernels are compiled for AVX-512, AVX2 and baseline x86-64, and the widest build the
 # CPU runs is taken (csrc/dynamic_routing/routing.cpp). valgrind emulates a CPU without
 # AVX-512, so under it the AVX2 build runs: on an AVX-512 machine that is the one path the
-# tests above cannot force. The baseline clone is
-# not run by any test here (no emulator without AVX2 is installed).
+# tests above cannot force.
 _CLONE_PROGRAM = textwrap.dedent("""
     import itertools, torch, fastcaps
     g = torch.Generator().manual_seed(0)

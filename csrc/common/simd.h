@@ -41,6 +41,15 @@ struct Simd {
 };
 template <typename T>
 using Vec = typename Simd<T>::vec;
+
+// Vector registers of the instruction set (AVX-512 and NEON 32, AVX2 and SSE2 16): a
+// register-blocked loop keeps about half of them as accumulators.
+#if FASTCAPS_VECTOR_BYTES == 64 || defined(__aarch64__)
+constexpr int64_t kVectorRegisters = 32;
+#else
+constexpr int64_t kVectorRegisters = 16;
+#endif
+constexpr int64_t kAccumulators = kVectorRegisters / 2;
 template <typename T>
 constexpr int64_t kLanes = Simd<T>::lanes;
 
@@ -100,38 +109,58 @@ class LaneArray {
   std::unique_ptr<void, Free> memory_;
 };
 
-template <typename T>
-FASTCAPS_INLINE T lane_sum(const Vec<T>& v) {
-  T total = T(0);
-  for (int64_t l = 0; l < kLanes<T>; ++l) total += v[l];
-  return total;
+// Lanes of a and b picked by Source::at(lane) for each lane of the result, 0..L-1 from a and
+// L..2L-1 from b, at compile time: GCC's __builtin_shuffle, clang's __builtin_shufflevector.
+template <typename T, typename Source, std::size_t... lane>
+FASTCAPS_INLINE Vec<T> shuffle(const Vec<T>& a, const Vec<T>& b, std::index_sequence<lane...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, Source::at(lane)...);
+#else
+  using Index = typename Simd<T>::integer;
+  return __builtin_shuffle(a, b, typename Simd<T>::ivec{static_cast<Index>(Source::at(lane))...});
+#endif
+}
+template <typename T, typename Source>
+FASTCAPS_INLINE Vec<T> shuffle(const Vec<T>& a, const Vec<T>& b) {
+  return shuffle<T, Source>(a, b, std::make_index_sequence<kLanes<T>>{});
 }
 
-// Lane permutation for one butterfly stage of an L x L transpose: rows a and b = a + h
-// become [a, b] shuffled by these indices (0..L-1 from a, L..2L-1 from b).
-template <typename T, int64_t h, bool second, std::size_t... lane>
-constexpr typename Simd<T>::ivec butterfly_indices(std::index_sequence<lane...>) {
-  using Index = typename Simd<T>::integer;
-  using Indices = typename Simd<T>::ivec;
-  constexpr int64_t L = kLanes<T>;
-  constexpr auto source = [](int64_t x) { return second ? ((x & h) ? L + x : x + h) : ((x & h) ? L + x - h : x); };
-  return Indices{static_cast<Index>(source(static_cast<int64_t>(lane)))...};
-}
+// One butterfly stage of an L x L transpose: rows a and b = a + h become [a, b] shuffled
+// by these lanes.
+template <typename T, int64_t h, bool second>
+struct ButterflyLanes {
+  static constexpr int64_t at(int64_t x) {
+    constexpr int64_t L = kLanes<T>;
+    return second ? ((x & h) ? L + x : x + h) : ((x & h) ? L + x - h : x);
+  }
+};
 
 // Transposes an L x L tile held as L row vectors, in place: log2(L) stages of two-vector
 // shuffles instead of L * L scalar moves.
 template <typename T, int64_t h = kLanes<T> / 2>
 FASTCAPS_INLINE void transpose(Vec<T>* rows) {
-  constexpr auto lanes = std::make_index_sequence<kLanes<T>>{};
-  constexpr typename Simd<T>::ivec first = butterfly_indices<T, h, false>(lanes);
-  constexpr typename Simd<T>::ivec second = butterfly_indices<T, h, true>(lanes);
   for (int64_t a = 0; a < kLanes<T>; ++a) {
     if (a & h) continue;
     const Vec<T> top = rows[a], bottom = rows[a + h];
-    rows[a] = __builtin_shuffle(top, bottom, first);
-    rows[a + h] = __builtin_shuffle(top, bottom, second);
+    rows[a] = shuffle<T, ButterflyLanes<T, h, false>>(top, bottom);
+    rows[a + h] = shuffle<T, ButterflyLanes<T, h, true>>(top, bottom);
   }
   if constexpr (h > 1) transpose<T, h / 2>(rows);
+}
+
+// out[k] = the sum of v[k]'s lanes, lanes in order from lane 0, for k < n: kLanes vectors
+// at a time by a transpose and lane-wise adds, the same sums as one lane after another.
+template <typename T>
+FASTCAPS_INLINE void lane_sums(const Vec<T>* v, int64_t n, T* out) {
+  Vec<T> tile[kLanes<T>];
+  for (int64_t k0 = 0; k0 < n; k0 += kLanes<T>) {
+    const int64_t count = std::min(kLanes<T>, n - k0);
+    for (int64_t q = 0; q < kLanes<T>; ++q) tile[q] = q < count ? v[k0 + q] : Vec<T>{};
+    transpose<T>(tile);
+    Vec<T> total = {};
+    for (int64_t l = 0; l < kLanes<T>; ++l) total += tile[l];
+    for (int64_t q = 0; q < count; ++q) out[k0 + q] = total[q];
+  }
 }
 
 // rows[l][c] = src[l * stride + c] for l < used and c < columns; zero elsewhere.

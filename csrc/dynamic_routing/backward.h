@@ -27,70 +27,107 @@ struct BackwardState {
   const T* sigma_at(int64_t b, int64_t t) const { return sigma.data() + (b * iterations + t) * jd; }
 };
 
-// g = dL/du_hat of sample b for one block of capsules (jd vectors), from its u_hat.
+// g = dL/du_hat of sample b for one block of capsules (jd vectors), from its u_hat: every
+// iteration's couplings and logit gradients first, then
+//   g = sum over t of c_j sigma_t + delta_j V_{t-1}  (through s_t, and through the logits of t)
+// one output at a time in a register, iterations in order.
 template <typename T>
 FASTCAPS_INLINE void prediction_gradients(const Dims& d, const BackwardState<T>& state, int64_t b, const Vec<T>* uh,
                                           Scratch<T>& scratch, Vec<T>* g) {
-  const int64_t J = d.out_caps, D = d.out_dim;
-  Vec<T>* c = scratch.couplings.data();
-  Vec<T>* delta = scratch.logit_grads.data();
-  std::fill(g, g + J * D, Vec<T>{});
-  for (int64_t t = state.first; t < d.iterations; ++t) {
-    const T* v_sum = state.v_sum_at(b, t);
-    const T* sigma = state.sigma_at(b, t);
-    couplings<T>(uh, v_sum, J, D, c);
-    // g += c_j sigma_t + delta_j V_{t-1}: through s_t, and through the logits of iteration t.
-    if (v_sum != nullptr && !state.detach_routing) {
-      logit_gradients<T>(uh, sigma, c, J, D, delta);
-      for (int64_t j = 0; j < J; ++j)
-        for (int64_t dd = 0; dd < D; ++dd) g[j * D + dd] += c[j] * sigma[j * D + dd] + delta[j] * v_sum[j * D + dd];
-    } else {
-      for (int64_t j = 0; j < J; ++j)
-        for (int64_t dd = 0; dd < D; ++dd) g[j * D + dd] += c[j] * sigma[j * D + dd];
+  const int64_t J = d.out_caps, D = d.out_dim, r = d.iterations;
+  // Iteration t's logits carry gradient unless it is the first (uniform couplings) or the
+  // routing is detached.
+  const auto through_logits = [&](int64_t t) { return t > 0 && !state.detach_routing; };
+  for (int64_t t = state.first; t < r; ++t) {
+    Vec<T>* c = scratch.couplings.data() + t * J;
+    couplings<T>(uh, state.v_sum_at(b, t), J, D, c);
+    if (through_logits(t)) logit_gradients<T>(uh, state.sigma_at(b, t), c, J, D, scratch.logit_grads.data() + t * J);
+  }
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t dd = 0; dd < D; ++dd) {
+      const int64_t k = j * D + dd;
+      Vec<T> acc = {};
+      for (int64_t t = state.first; t < r; ++t) {
+        const Vec<T> c = scratch.couplings.data()[t * J + j];
+        if (through_logits(t))
+          acc += c * state.sigma_at(b, t)[k] + scratch.logit_grads.data()[t * J + j] * state.v_sum_at(b, t)[k];
+        else
+          acc += c * state.sigma_at(b, t)[k];
+      }
+      g[k] = acc;
+    }
+}
+
+// grad u of S samples for one block: gx[s][e] = sum_k w[e, k] * g[s][k], each sum in two
+// partial sums (even and odd k) so that 2S chains run at once; each vector of w is loaded
+// once for the S samples. A sample's sums are the same whatever S.
+template <typename T, int64_t S>
+FASTCAPS_INLINE void input_gradients(const Vec<T>* w, const Vec<T>* const* g, int64_t in_dim, int64_t jd,
+                                     Vec<T>* const* gx) {
+  for (int64_t e = 0; e < in_dim; ++e) {
+    const Vec<T>* we = w + e * jd;
+    Vec<T> acc[S][2] = {};
+    int64_t k = 0;
+    for (; k + 2 <= jd; k += 2)
+      for (int64_t r = 0; r < 2; ++r) {
+        const Vec<T> wk = we[k + r];
+        for (int64_t s = 0; s < S; ++s) acc[s][r] += wk * g[s][k + r];
+      }
+    for (; k < jd; ++k)
+      for (int64_t s = 0; s < S; ++s) acc[s][0] += we[k] * g[s][k];
+    for (int64_t s = 0; s < S; ++s) gx[s][e] = acc[s][0] + acc[s][1];
+  }
+}
+
+// grad W[e, k] += x[s][e] g[s][k] for s = 0 .. S-1 in order (the batch order), one read
+// and write of grad W for the S samples.
+template <typename T, int64_t S>
+FASTCAPS_INLINE void add_weight_gradients(const Vec<T>* const* x, const Vec<T>* const* g, int64_t in_dim, int64_t jd,
+                                          Vec<T>* gw) {
+  for (int64_t e = 0; e < in_dim; ++e) {
+    Vec<T> xe[S];
+    for (int64_t s = 0; s < S; ++s) xe[s] = x[s][e];
+    Vec<T>* gwe = gw + e * jd;
+    for (int64_t k = 0; k < jd; ++k) {
+      Vec<T> acc = gwe[k];
+      for (int64_t s = 0; s < S; ++s) acc += xe[s] * g[s][k];
+      gwe[k] = acc;
     }
   }
 }
 
-// Phase B for one block of capsules, the batch in order: g = dL/du_hat (from the kept u_hat
-// if there is one, else recomputed), then grad u = W^T g and grad W += u g^T, written in the
-// caller's layouts.
+// Phase B for one block of capsules, the batch in order, in tiles of kSampleTile samples:
+// g = dL/du_hat (from the kept u_hat if there is one, else recomputed), then grad u = W^T g
+// and grad W += u g^T, written in the caller's layouts.
 template <typename T>
-void gradient_block(const Packed<T>& p, const BackwardState<T>& state, const Vec<T>* kept_u_hat,
-                                    int64_t blk, Scratch<T>& scratch, T* grad_u, T* grad_weight) {
+void gradient_block(const Packed<T>& p, const BackwardState<T>& state, const Vec<T>* kept_u_hat, int64_t blk,
+                    Scratch<T>& scratch, T* grad_u, T* grad_weight) {
   const Dims& d = p.d;
   const int64_t Din = d.in_dim, jd = p.jd;
   const Vec<T>* w = scratch.packed_weight(p, blk, blk + 1);  // read for every sample of the batch
-  const Vec<T>* uh;
   Vec<T>* gw = scratch.weight_grad.data();
-  Vec<T>* grad_x = scratch.input_grad.data();
   std::fill(gw, gw + Din * jd, Vec<T>{});
-  for (int64_t b = 0; b < d.batch; ++b) {
-    const Vec<T>* x = p.input_block(b, blk);
-    Vec<T>* g = scratch.row_grad.data();
-    if (kept_u_hat != nullptr) {
-      uh = kept_u_hat + (b * p.blocks + blk) * jd;
-    } else {
-      predict<T>(x, w, Din, jd, scratch.row.data());
-      uh = scratch.row.data();
+  for (int64_t b0 = 0; b0 < d.batch; b0 += kSampleTile) {
+    const int64_t n = std::min(kSampleTile, d.batch - b0);
+    const Vec<T>* x[kSampleTile];
+    const Vec<T>* uh[kSampleTile];
+    Vec<T>* predicted[kSampleTile];
+    Vec<T>* g[kSampleTile];
+    Vec<T>* gx[kSampleTile];
+    for (int64_t s = 0; s < n; ++s) {
+      x[s] = p.input_block(b0 + s, blk);
+      predicted[s] = scratch.row.data() + s * jd;
+      uh[s] = kept_u_hat != nullptr ? kept_u_hat + ((b0 + s) * p.blocks + blk) * jd : predicted[s];
+      g[s] = scratch.row_grad.data() + s * jd;
+      gx[s] = scratch.input_grad.data() + s * Din;
     }
-    prediction_gradients(d, state, b, uh, scratch, g);
-    // grad u[e] = sum_k w[e, k] * g[k], four partial sums to keep the adds independent.
-    for (int64_t e = 0; e < Din; ++e) {
-      const Vec<T>* we = w + e * jd;
-      Vec<T> acc[4] = {};
-      int64_t k = 0;
-      for (; k + 4 <= jd; k += 4)
-        for (int64_t r = 0; r < 4; ++r) acc[r] += we[k + r] * g[k + r];
-      for (; k < jd; ++k) acc[0] += we[k] * g[k];
-      grad_x[e] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    }
-    unpack_input_block(d, grad_x, b, blk, grad_u);
-    // grad W[e, k] += u[b, e] g[k], over the batch in order.
-    for (int64_t e = 0; e < Din; ++e) {
-      const Vec<T> xe = x[e];
-      Vec<T>* gwe = gw + e * jd;
-      for (int64_t k = 0; k < jd; ++k) gwe[k] += xe * g[k];
-    }
+    with_tile_size(n, [&](auto S) __attribute__((always_inline)) {
+      if (kept_u_hat == nullptr) predict<T, S()>(x, w, Din, jd, predicted);
+      for (int64_t s = 0; s < n; ++s) prediction_gradients(d, state, b0 + s, uh[s], scratch, g[s]);
+      input_gradients<T, S()>(w, g, Din, jd, gx);
+      add_weight_gradients<T, S()>(x, g, Din, jd, gw);
+    });
+    for (int64_t s = 0; s < n; ++s) unpack_input_block(d, gx[s], b0 + s, blk, grad_u);
   }
   unpack_weight_block(d, p.offset.data(), gw, blk, grad_weight);
 }

@@ -35,10 +35,14 @@ Packed<T> pack(const Dims& d, const T* u, const T* weight, bool share_weight) {
 
 template <typename T>
 struct Scratch {
-  LaneArray<T> couplings, logit_grads, sums, row, row_grad, weight, weight_grad, input_grad;
+  // couplings and logit_grads: J vectors per iteration (prediction_gradients keeps every
+  // iteration's); capsule_weights: a tile's c_ij or delta_ij for a chunk (sweep_chunk).
+  LaneArray<T> couplings, logit_grads, capsule_weights, sums, row, row_grad, weight, weight_grad, input_grad;
   explicit Scratch(const Packed<T>& p)
-      : couplings(p.d.out_caps), logit_grads(p.d.out_caps), sums(p.jd), row(p.jd), row_grad(p.jd),
-        weight(kChunkBlocks * p.block_size()), weight_grad(p.block_size()), input_grad(p.d.in_dim) {}
+      : couplings(p.d.iterations * p.d.out_caps), logit_grads(p.d.iterations * p.d.out_caps),
+        capsule_weights(kSampleTile * kChunkBlocks * p.d.out_caps), sums(p.jd), row(kSampleTile * p.jd),
+        row_grad(kSampleTile * p.jd), weight(kChunkBlocks * p.block_size()), weight_grad(p.block_size()),
+        input_grad(kSampleTile * p.d.in_dim) {}
 
   // W of blocks [first, last): the shared packed copy if there is one, else packed here.
   const Vec<T>* packed_weight(const Packed<T>& p, int64_t first, int64_t last) {
@@ -50,26 +54,71 @@ struct Scratch {
   }
 };
 
-// u_hat of one block: uh[k] = sum_e x[e] * w[e, k] for k < jd. Eight outputs at a time so
-// that eight independent accumulators stay in registers.
-template <typename T>
-FASTCAPS_INLINE void predict(const Vec<T>* x, const Vec<T>* w, int64_t in_dim, int64_t jd, Vec<T>* uh) {
-  constexpr int64_t kUnroll = 8;
+// u_hat of one block for S samples: uh[s][k] = sum_e x[s][e] * w[e, k] for k < jd, e in
+// order. Each vector of w is loaded once for the S samples, and kAccumulators / S outputs of
+// each sample are formed at a time, so that the accumulators stay in registers. A sample's
+// sums are the same whatever S.
+template <typename T, int64_t S>
+FASTCAPS_INLINE void predict(const Vec<T>* const* x, const Vec<T>* w, int64_t in_dim, int64_t jd, Vec<T>* const* uh) {
+  constexpr int64_t kUnroll = std::max<int64_t>(kAccumulators / S, 1);
   int64_t k = 0;
   for (; k + kUnroll <= jd; k += kUnroll) {
-    Vec<T> acc[kUnroll] = {};
+    Vec<T> acc[S][kUnroll] = {};
     for (int64_t e = 0; e < in_dim; ++e) {
-      const Vec<T> xe = x[e];
       const Vec<T>* we = w + e * jd + k;
-      for (int64_t q = 0; q < kUnroll; ++q) acc[q] += xe * we[q];
+      for (int64_t q = 0; q < kUnroll; ++q) {
+        const Vec<T> weq = we[q];
+        for (int64_t s = 0; s < S; ++s) acc[s][q] += x[s][e] * weq;
+      }
     }
-    for (int64_t q = 0; q < kUnroll; ++q) uh[k + q] = acc[q];
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t q = 0; q < kUnroll; ++q) uh[s][k + q] = acc[s][q];
   }
   for (; k < jd; ++k) {
-    Vec<T> acc = {};
-    for (int64_t e = 0; e < in_dim; ++e) acc += x[e] * w[e * jd + k];
-    uh[k] = acc;
+    Vec<T> acc[S] = {};
+    for (int64_t e = 0; e < in_dim; ++e)
+      for (int64_t s = 0; s < S; ++s) acc[s] += x[s][e] * w[e * jd + k];
+    for (int64_t s = 0; s < S; ++s) uh[s][k] = acc[s];
   }
+}
+
+template <int64_t S>
+using TileSize = std::integral_constant<int64_t, S>;
+
+// Calls f(TileSize<n>{}): n <= kSampleTile samples as a compile-time constant.
+template <typename F>
+FASTCAPS_INLINE void with_tile_size(int64_t n, const F& f) {
+  static_assert(kSampleTile == 4, "with_tile_size lists the tile sizes up to kSampleTile");
+  switch (n) {
+    case 1: return f(TileSize<1>{});
+    case 2: return f(TileSize<2>{});
+    case 3: return f(TileSize<3>{});
+    default: TORCH_INTERNAL_ASSERT(n == 4, "routing_cpu: a tile of ", n, " samples"); return f(TileSize<4>{});
+  }
+}
+
+// out[j] = sum_d a[j*D + d] * uh[j*D + d], lane-wise, d in order, for `count` capsules from
+// j0 at once: each sum is a chain of D dependent FMAs, and one chain at a time left the FMA
+// units waiting on its latency (perf on AVX2: the hottest line of the passes).
+template <typename T, int64_t count>
+FASTCAPS_INLINE void capsule_dots_from(const Vec<T>* uh, const T* a, int64_t j0, int64_t D, Vec<T>* out) {
+  Vec<T> acc[count] = {};
+  for (int64_t dd = 0; dd < D; ++dd)
+    for (int64_t q = 0; q < count; ++q) acc[q] += a[(j0 + q) * D + dd] * uh[(j0 + q) * D + dd];
+  for (int64_t q = 0; q < count; ++q) out[j0 + q] = acc[q];
+}
+
+// out[j] = uh_j . a_j for every j < J, kAccumulators chains at a time.
+template <typename T>
+FASTCAPS_INLINE void capsule_dots(const Vec<T>* uh, const T* a, int64_t J, int64_t D, Vec<T>* out) {
+  constexpr int64_t kChains = kAccumulators;
+  int64_t j = 0;
+  for (; j + kChains <= J; j += kChains) capsule_dots_from<T, kChains>(uh, a, j, D, out);
+  if constexpr (kChains > 8)
+    if (j + 8 <= J) capsule_dots_from<T, 8>(uh, a, j, D, out), j += 8;
+  if (j + 4 <= J) capsule_dots_from<T, 4>(uh, a, j, D, out), j += 4;
+  if (j + 2 <= J) capsule_dots_from<T, 2>(uh, a, j, D, out), j += 2;
+  if (j < J) capsule_dots_from<T, 1>(uh, a, j, D, out);
 }
 
 // c[j] = softmax_j(uh_j . v_sum_j) lane-wise; uniform 1/J when v_sum is null (first pass).
@@ -79,11 +128,7 @@ FASTCAPS_INLINE void couplings(const Vec<T>* uh, const T* v_sum, int64_t J, int6
     for (int64_t j = 0; j < J; ++j) c[j] = Vec<T>{} + T(1) / T(J);
     return;
   }
-  for (int64_t j = 0; j < J; ++j) {
-    Vec<T> logit = {};
-    for (int64_t dd = 0; dd < D; ++dd) logit += v_sum[j * D + dd] * uh[j * D + dd];
-    c[j] = logit;
-  }
+  capsule_dots<T>(uh, v_sum, J, D, c);
   Vec<T> largest = c[0];
   for (int64_t j = 1; j < J; ++j) largest = c[j] > largest ? c[j] : largest;
   Vec<T> total = {};
@@ -100,29 +145,19 @@ FASTCAPS_INLINE void couplings(const Vec<T>* uh, const T* v_sum, int64_t J, int6
 template <typename T>
 FASTCAPS_INLINE void logit_gradients(const Vec<T>* uh, const T* sigma, const Vec<T>* c, int64_t J, int64_t D,
                                      Vec<T>* delta) {
+  capsule_dots<T>(uh, sigma, J, D, delta);  // gamma
   Vec<T> mean = {};
-  for (int64_t j = 0; j < J; ++j) {
-    Vec<T> gamma = {};
-    for (int64_t dd = 0; dd < D; ++dd) gamma += sigma[j * D + dd] * uh[j * D + dd];
-    delta[j] = gamma;
-    mean += c[j] * gamma;
-  }
+  for (int64_t j = 0; j < J; ++j) mean += c[j] * delta[j];
   for (int64_t j = 0; j < J; ++j) delta[j] = c[j] * (delta[j] - mean);
 }
 
-// acc[j*D + d] += weight[j] * uh[j*D + d]
-template <typename T>
-FASTCAPS_INLINE void accumulate(const Vec<T>* weight, const Vec<T>* uh, int64_t J, int64_t D, Vec<T>* acc) {
-  for (int64_t j = 0; j < J; ++j)
-    for (int64_t dd = 0; dd < D; ++dd) acc[j * D + dd] += weight[j] * uh[j * D + dd];
-}
-
-// One routing pass over one chunk of sample b's capsules, written to partial (jd values):
+// One routing pass over one chunk of a sample's capsules, written to partial (jd values):
 //   forward  (sigma null):     sum_i c_ij uh_ij, the chunk's share of s_t;
 //   backward (sigma not null): sum_i delta_ij uh_ij, its share of dL/dV_{t-1}.
 // v_sum is V_{t-1} = v_1 + ... + v_{t-1} (null on the first forward pass: uniform
-// couplings). With predict the chunk's u_hat is computed into uh_sample, from chunk_weight
-// (the chunk's packed W) or, when that is null, from W's rows; else it is read from uh_sample.
+// couplings). With predict the chunk's u_hat is computed into uh (the sample's buffer,
+// blocks x jd vectors), from the chunk's packed W or, when that is null, from W's rows;
+// else it is read from uh.
 template <typename T>
 struct Pass {
   int64_t sample, chunk;
@@ -131,38 +166,78 @@ struct Pass {
   const T* sigma;
 };
 
+// Up to kSampleTile samples' passes over the same chunk, swept together so that their u_hat
+// is formed from one read of the chunk's W (predict). Each sample's arithmetic is the same
+// as if it were swept alone.
 template <typename T>
-void sweep_chunk(const Packed<T>& p, const Pass<T>& pass, const Vec<T>* chunk_weight,
-                                 Vec<T>* uh_sample, Scratch<T>& scratch, T* partial) {
-  const int64_t J = p.d.out_caps, D = p.d.out_dim, jd = p.jd;
-  Vec<T>* sums = scratch.sums.data();
-  std::fill(sums, sums + jd, Vec<T>{});
-  const int64_t first = pass.chunk * kChunkBlocks, last = std::min(p.blocks, first + kChunkBlocks);
+struct Tile {
+  int64_t count = 0;
+  Pass<T> pass[kSampleTile];
+  Vec<T>* uh[kSampleTile];
+  T* partial[kSampleTile];
+  void add(const Pass<T>& sample_pass, Vec<T>* sample_uh, T* sample_partial) {
+    TORCH_INTERNAL_ASSERT(count < kSampleTile);
+    pass[count] = sample_pass, uh[count] = sample_uh, partial[count] = sample_partial;
+    ++count;
+  }
+};
+
+// Each sample's c_ij (forward) or delta_ij (backward) for every block of the chunk first,
+// then its sums over the chunk's capsules, sum_i weight_ij uh_ij, one output at a time in
+// a register, blocks in order: a read-modify-write of the sums per block left the loop
+// waiting on loads and stores (perf on AVX2).
+template <typename T>
+void sweep_chunk(const Packed<T>& p, const Tile<T>& tile, const Vec<T>* chunk_weight, Scratch<T>& scratch) {
+  const int64_t J = p.d.out_caps, D = p.d.out_dim, jd = p.jd, n = tile.count;
+  const bool predict_here = tile.pass[0].predict;
+  const int64_t first = tile.pass[0].chunk * kChunkBlocks, last = std::min(p.blocks, first + kChunkBlocks);
+  const auto capsule_weights = [&](int64_t s, int64_t blk) {
+    return scratch.capsule_weights.data() + (s * kChunkBlocks + blk - first) * J;
+  };
   for (int64_t blk = first; blk < last; ++blk) {
-    Vec<T>* uh = uh_sample + blk * jd;
-    const Vec<T>* x = p.input_block(pass.sample, blk);
-    if (pass.predict && chunk_weight != nullptr)
-      predict<T>(x, chunk_weight + (blk - first) * p.block_size(), p.d.in_dim, jd, uh);
-    else if (pass.predict)
-      predict_from_rows<T>(p, blk, x, uh);
-    couplings<T>(uh, pass.v_sum, J, D, scratch.couplings.data());
-    if (pass.sigma == nullptr) {
-      accumulate<T>(scratch.couplings.data(), uh, J, D, sums);
-    } else {
-      logit_gradients<T>(uh, pass.sigma, scratch.couplings.data(), J, D, scratch.logit_grads.data());
-      accumulate<T>(scratch.logit_grads.data(), uh, J, D, sums);
+    const Vec<T>* x[kSampleTile];
+    Vec<T>* uh[kSampleTile];
+    for (int64_t s = 0; s < n; ++s) {
+      x[s] = p.input_block(tile.pass[s].sample, blk);
+      uh[s] = tile.uh[s] + blk * jd;
+    }
+    if (predict_here && chunk_weight != nullptr) {
+      const Vec<T>* w = chunk_weight + (blk - first) * p.block_size();
+      with_tile_size(n, [&](auto S) __attribute__((always_inline)) { predict<T, S()>(x, w, p.d.in_dim, jd, uh); });
+    } else if (predict_here) {
+      for (int64_t s = 0; s < n; ++s) predict_from_rows<T>(p, blk, x[s], uh[s]);
+    }
+    for (int64_t s = 0; s < n; ++s) {
+      const Pass<T>& pass = tile.pass[s];
+      if (pass.sigma == nullptr) {
+        couplings<T>(uh[s], pass.v_sum, J, D, capsule_weights(s, blk));
+      } else {
+        couplings<T>(uh[s], pass.v_sum, J, D, scratch.couplings.data());
+        logit_gradients<T>(uh[s], pass.sigma, scratch.couplings.data(), J, D, capsule_weights(s, blk));
+      }
     }
   }
-  for (int64_t k = 0; k < jd; ++k) partial[k] = lane_sum<T>(sums[k]);
+  Vec<T>* sums = scratch.sums.data();
+  for (int64_t s = 0; s < n; ++s) {
+    const Vec<T>* weights = capsule_weights(s, first);
+    const Vec<T>* uh = tile.uh[s] + first * jd;
+    for (int64_t j = 0; j < J; ++j)
+      for (int64_t dd = 0; dd < D; ++dd) {
+        Vec<T> acc = {};
+        for (int64_t blk = 0; blk < last - first; ++blk) acc += weights[blk * J + j] * uh[blk * jd + j * D + dd];
+        sums[j * D + dd] = acc;
+      }
+    lane_sums<T>(sums, jd, tile.partial[s]);
+  }
 }
 
 // Runs `steps` passes for every sample: pass k of sample b sweeps all its chunks
 // (pass_of(b, k, chunk) says how), then finish(b, k, partials) combines the chunk partials.
 // Two schedules; a sample's arithmetic is the same in both, and whatever the thread count:
-// - many samples: parallel over samples, each thread with one u_hat buffer that stays in
-//   its cache, reading the shared packed W;
+// - many samples: parallel over samples, each thread sweeping tiles of kSampleTile samples
+//   with a u_hat buffer each, reading the shared packed W;
 // - few samples: in groups (kGroupBytes of u_hat buffers), each pass parallel over chunks,
-//   each chunk walking the group's samples with its W packed once.
+//   each chunk walking the group's samples in tiles with its W packed once.
 // With `kept_u_hat` (B x blocks x jd vectors; the launcher asks for it at small batches,
 // kKeepUHatSamples) every sample's u_hat lives there instead of in a scratch
 // buffer: the forward leaves it for the backward, whose passes then read it.
@@ -175,18 +250,21 @@ void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const 
   };
   if (p.packed_weight.size() > 0) {
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      LaneArray<T> uh(kept_u_hat == nullptr ? per_sample : 0);
-      std::vector<T> partials(partials_per_sample);
+      LaneArray<T> uh(kept_u_hat == nullptr ? kSampleTile * per_sample : 0);
+      std::vector<T> partials(kSampleTile * partials_per_sample);
       Scratch<T> scratch(p);
-      for (int64_t b = begin; b < end; ++b) {
-        Vec<T>* uh_sample = kept_u_hat == nullptr ? uh.data() : kept_u_hat + b * per_sample;
+      for (int64_t b0 = begin; b0 < end; b0 += kSampleTile) {
+        const int64_t n = std::min(kSampleTile, end - b0);
         for (int64_t k = 0; k < steps; ++k) {
           for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
-            const Pass<T> pass = pass_of(b, k, chunk);
-            sweep_chunk(p, pass, pass.predict ? chunk_weight(scratch, chunk) : nullptr, uh_sample, scratch,
-                        partials.data() + chunk * p.jd);
+            Tile<T> tile;
+            for (int64_t s = 0; s < n; ++s)
+              tile.add(pass_of(b0 + s, k, chunk),
+                       kept_u_hat == nullptr ? uh.data() + s * per_sample : kept_u_hat + (b0 + s) * per_sample,
+                       partials.data() + s * partials_per_sample + chunk * p.jd);
+            sweep_chunk(p, tile, tile.pass[0].predict ? chunk_weight(scratch, chunk) : nullptr, scratch);
           }
-          finish(b, k, partials.data());
+          for (int64_t s = 0; s < n; ++s) finish(b0 + s, k, partials.data() + s * partials_per_sample);
         }
       }
     });
@@ -206,9 +284,13 @@ void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const 
         Scratch<T> scratch(p);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
           const Vec<T>* weight = pass_of(start, k, chunk).predict && !from_rows ? chunk_weight(scratch, chunk) : nullptr;
-          for (int64_t b = 0; b < size; ++b)
-            sweep_chunk(p, pass_of(start + b, k, chunk), weight, uh + b * per_sample, scratch,
-                        partials.data() + (b * p.chunks + chunk) * p.jd);
+          for (int64_t b0 = 0; b0 < size; b0 += kSampleTile) {
+            Tile<T> tile;
+            for (int64_t b = b0; b < std::min(size, b0 + kSampleTile); ++b)
+              tile.add(pass_of(start + b, k, chunk), uh + b * per_sample,
+                       partials.data() + (b * p.chunks + chunk) * p.jd);
+            sweep_chunk(p, tile, weight, scratch);
+          }
         }
       });
       for (int64_t b = 0; b < size; ++b) finish(start + b, k, partials.data() + b * partials_per_sample);

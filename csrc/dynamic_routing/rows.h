@@ -31,18 +31,16 @@ bool predicts_from_rows(const Dims& d) {
   return d.in_dim >= 1 && d.in_dim <= kLanes<T> && (d.in_dim & (d.in_dim - 1)) == 0;
 }
 
-// Shuffle indices of one butterfly stage on segments of g lanes: lane o of the result takes,
-// from segment o / g of the first (o % g < g/2) or second vector, its first (half = false)
-// or second half's lane o % (g/2). The two shuffles added give both vectors' half-sums.
-template <typename T, int64_t g, bool second_half, std::size_t... lane>
-constexpr typename Simd<T>::ivec halving_indices(std::index_sequence<lane...>) {
-  using Index = typename Simd<T>::integer;
-  constexpr int64_t L = kLanes<T>, h = g / 2;
-  constexpr auto source = [](int64_t o) {
+// Lanes of one butterfly stage on segments of g lanes: lane o of the result takes, from
+// segment o / g of the first (o % g < g/2) or second vector, its first (half = false) or
+// second half's lane o % (g/2). The two shuffles added give both vectors' half-sums.
+template <typename T, int64_t g, bool second_half>
+struct HalvingLanes {
+  static constexpr int64_t at(int64_t o) {
+    constexpr int64_t L = kLanes<T>, h = g / 2;
     return (o % g < h ? 0 : L) + (o / g) * g + o % h + (second_half ? h : 0);
-  };
-  return typename Simd<T>::ivec{static_cast<Index>(source(static_cast<int64_t>(lane)))...};
-}
+  }
+};
 
 // v[0..g) hold segments of g lanes; returns one vector of every segment's sum (which lane
 // holds which segment: row_lane_outputs). Each stage halves both the segment length and the
@@ -52,11 +50,9 @@ FASTCAPS_INLINE Vec<T> reduce_segments(Vec<T>* v) {
   if constexpr (g == 1) {
     return v[0];
   } else {
-    constexpr auto lanes = std::make_index_sequence<kLanes<T>>{};
-    constexpr typename Simd<T>::ivec first = halving_indices<T, g, false>(lanes);
-    constexpr typename Simd<T>::ivec second = halving_indices<T, g, true>(lanes);
     for (int64_t k = 0; k < g / 2; ++k)
-      v[k] = __builtin_shuffle(v[k], v[k + g / 2], first) + __builtin_shuffle(v[k], v[k + g / 2], second);
+      v[k] = shuffle<T, HalvingLanes<T, g, false>>(v[k], v[k + g / 2]) +
+             shuffle<T, HalvingLanes<T, g, true>>(v[k], v[k + g / 2]);
     return reduce_segments<T, g / 2>(v);
   }
 }
@@ -105,17 +101,16 @@ std::vector<int64_t> butterfly_lane_outputs(const Dims& d) {
 template <int64_t g>
 using SegmentLength = std::integral_constant<int64_t, g>;
 
-// Calls f(SegmentLength<Din>{}): g = Din as a compile-time constant (predicts_from_rows).
-template <typename T, typename F>
+// Calls f(SegmentLength<Din>{}): g = Din as a compile-time constant (predicts_from_rows),
+// instantiated only for the powers of two up to kLanes.
+template <typename T, int64_t g = kLanes<T>, typename F>
 FASTCAPS_INLINE auto with_segment_length(int64_t in_dim, const F& f) {
-  switch (in_dim) {
-    case 1: return f(SegmentLength<1>{});
-    case 2: return f(SegmentLength<2>{});
-    case 4: return f(SegmentLength<4>{});
-    case 8: return f(SegmentLength<8>{});
-    default:
-      TORCH_INTERNAL_ASSERT(in_dim == 16 && kLanes<T> >= 16, "routing_cpu: no row prediction for in_dim ", in_dim);
-      return f(SegmentLength<std::min<int64_t>(16, kLanes<T>)>{});
+  if constexpr (g == 1) {
+    TORCH_INTERNAL_ASSERT(in_dim == 1, "routing_cpu: no row prediction for in_dim ", in_dim);
+    return f(SegmentLength<1>{});
+  } else {
+    if (in_dim == g) return f(SegmentLength<g>{});
+    return with_segment_length<T, g / 2>(in_dim, f);
   }
 }
 
@@ -162,9 +157,13 @@ void predict_from_rows(const Packed<T>& p, int64_t blk, const Vec<T>* x, Vec<T>*
 }
 
 // Lane q of expand_segments' result takes value q / g: each of L / g values repeated g times.
+template <int64_t g>
+struct ExpandLanes {
+  static constexpr int64_t at(int64_t q) { return q / g; }
+};
 template <typename T, int64_t g, std::size_t... lane>
 constexpr typename Simd<T>::ivec expand_indices(std::index_sequence<lane...>) {
-  return typename Simd<T>::ivec{static_cast<typename Simd<T>::integer>(lane / g)...};
+  return typename Simd<T>::ivec{static_cast<typename Simd<T>::integer>(ExpandLanes<g>::at(lane))...};
 }
 
 // values[0 .. L/g) with each one repeated g times, the values past count zero. For row
@@ -178,7 +177,7 @@ FASTCAPS_INLINE Vec<T> expand_segments(const T* values, int64_t count) {
   constexpr typename Simd<T>::ivec expand = expand_indices<T, g>(lanes);
   Vec<T> loaded;
   std::memcpy(&loaded, values, sizeof(Vec<T>));
-  const Vec<T> expanded = __builtin_shuffle(loaded, expand);
+  const Vec<T> expanded = shuffle<T, ExpandLanes<g>>(loaded, loaded);
   if (count >= kLanes<T> / g) return expanded;
   return expand < static_cast<typename Simd<T>::integer>(count) ? expanded : Vec<T>{};
 }

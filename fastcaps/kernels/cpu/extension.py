@@ -7,6 +7,7 @@ says why and how to rebuild, and ``problem()`` returns that reason for error mes
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import List, Optional
 
@@ -63,6 +64,27 @@ def runnable_isas() -> List[str]:
     return list(torch.ops.fastcaps._routing_cpu_isas()) if _problem is None else []
 
 
+# The flags of /proc/cpuinfo each wide build needs, widest first.
+_BUILD_FLAGS = (("avx512", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}), ("avx2", {"avx2", "fma"}))
+
+
+def _missing_wide_build() -> Optional[str]:
+    """The widest build this CPU could run that the extension lacks (one compiled by clang
+    has the baseline only), or None; None too when FASTCAPS_CPU_ISA picks the build."""
+    if os.environ.get("FASTCAPS_CPU_ISA"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = set(next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):  # not Linux, or no flags line (aarch64 names them "Features")
+        return None
+    built = runnable_isas()
+    for build, needs in _BUILD_FLAGS:
+        if needs <= flags:
+            return None if build in built else build
+    return None
+
+
 def problem() -> Optional[str]:
     """None if the C++ extension is loaded and current, else why it is not usable."""
     return _problem
@@ -77,6 +99,14 @@ if _problem is not None:
     warnings.warn(
         f"fastcaps: {_problem}. The C++ kernels are unavailable; the 'reference' and "
         f"'torch' backends still work. Rebuild with: {REBUILD}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+elif _missing_wide_build() is not None:
+    warnings.warn(
+        f"fastcaps: this CPU can run the {_missing_wide_build()} build of the C++ kernels, but the extension "
+        f"was compiled without it (the wide x86 builds need GCC's target pragmas); the slower {_isa} build "
+        f"runs. Rebuild with GCC: CXX=g++ {REBUILD}",
         RuntimeWarning,
         stacklevel=2,
     )
