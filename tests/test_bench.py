@@ -1,6 +1,8 @@
 """The benchmark engine and report: counts, ratios, spreads, comparison, an end-to-end run."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,3 +126,15 @@ def test_the_json_names_the_cpu_its_vector_flags_and_the_kernels_build():
         assert meta["cpu_kernels_build"] == extension.isa()
         if "avx2" in meta["cpu_vector_flags"] and "avx512f" not in meta["cpu_vector_flags"]:
             assert meta["cpu_kernels_build"] == "avx2"
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH needs Python 3.11")
+def test_workers_import_this_fastcaps_from_inside_another_checkout(tmp_path):
+    """`python -m` puts the working directory first on a worker's path: started inside another
+    fastcaps checkout, the workers imported that one's kernels (an older clone's, seen)."""
+    (tmp_path / "fastcaps").mkdir()
+    (tmp_path / "fastcaps" / "__init__.py").write_text("raise ImportError('the other checkout')\n")
+    completed = subprocess.run([sys.executable, "-m", "fastcaps.tools.bench.engine", "--no-such-flag"],
+                               env=bench._worker_env(None), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "the other checkout" not in completed.stderr
+    assert "usage: python -m fastcaps.tools.bench.engine" in completed.stderr, completed.stderr[-2000:]

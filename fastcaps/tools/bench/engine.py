@@ -31,6 +31,7 @@ import ctypes
 import json
 import os
 import re
+import site
 import statistics
 import subprocess
 import sys
@@ -253,11 +254,26 @@ def peak_memory(point: Point, timeout: float = 900) -> int:
     return _run_worker("--memory-worker", _point_to_json(point), f"{point.label} {point.provider}", timeout, env)
 
 
+def _worker_env(env: Optional[dict]) -> dict:
+    """The environment of a worker, so that it imports this fastcaps: ``python -m`` would put
+    the working directory first on its path, and run from inside another fastcaps checkout
+    the workers timed that checkout's kernels while the table named this one's (seen).
+    PYTHONSAFEPATH (Python 3.11+) drops the working directory; a source checkout's root is
+    put on PYTHONPATH (an installed package is found as usual)."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONSAFEPATH"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    site_dirs = {os.path.abspath(p) for p in site.getsitepackages() + [site.getusersitepackages()]}
+    if root not in site_dirs:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def _run_worker(flag: str, payload, what: str, timeout: float, env: Optional[dict] = None):
     """Run ``python -m fastcaps.tools.bench.engine FLAG PAYLOAD`` in a fresh process; its last line of
     output, parsed as JSON."""
     result = subprocess.run([sys.executable, "-m", "fastcaps.tools.bench.engine", flag, json.dumps(payload)],
-                            capture_output=True, text=True, env=env, timeout=timeout)
+                            capture_output=True, text=True, env=_worker_env(env), timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{flag[2:]} for {what} failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
