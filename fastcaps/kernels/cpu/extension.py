@@ -7,9 +7,10 @@ says why and how to rebuild, and ``problem()`` returns that reason for error mes
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -68,16 +69,31 @@ def runnable_isas() -> List[str]:
 _BUILD_FLAGS = (("avx512", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}), ("avx2", {"avx2", "fma"}))
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_fields() -> Dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags" on x86-64,
+    "Features" on aarch64, ...); empty where there is no such file."""
+    fields: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if ":" not in line:
+                    if fields:
+                        break  # the first processor is enough
+                    continue
+                key, value = (part.strip() for part in line.split(":", 1))
+                fields.setdefault(key, value)
+    except OSError:
+        pass
+    return fields
+
+
 def _missing_wide_build() -> Optional[str]:
     """The widest build this CPU could run that the extension lacks (one compiled by clang
     has the baseline only), or None; None too when FASTCAPS_CPU_ISA picks the build."""
     if os.environ.get("FASTCAPS_CPU_ISA"):
         return None
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = set(next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):  # not Linux, or no flags line (aarch64 names them "Features")
-        return None
+    flags = set(cpu_fields().get("flags", "").split())  # x86-64 only: aarch64 has one build
     built = runnable_isas()
     for build, needs in _BUILD_FLAGS:
         if needs <= flags:
@@ -102,9 +118,9 @@ if _problem is not None:
         RuntimeWarning,
         stacklevel=2,
     )
-elif _missing_wide_build() is not None:
+elif (_missing := _missing_wide_build()) is not None:
     warnings.warn(
-        f"fastcaps: this CPU can run the {_missing_wide_build()} build of the C++ kernels, but the extension "
+        f"fastcaps: this CPU can run the {_missing} build of the C++ kernels, but the extension "
         f"was compiled without it (the wide x86 builds need GCC's target pragmas); the slower {_isa} build "
         f"runs. Rebuild with GCC: CXX=g++ {REBUILD}",
         RuntimeWarning,

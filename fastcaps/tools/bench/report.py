@@ -97,21 +97,10 @@ _VECTOR_FLAGS = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq"
 def cpu_description() -> dict:
     """The CPU as /proc/cpuinfo names it: model name, family and model numbers, vector flags,
     and which build of the C++ kernels runs on it (``None`` without the extension)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if ":" not in line:
-                    if fields:
-                        break  # the first processor is enough
-                    continue
-                key, value = (part.strip() for part in line.split(":", 1))
-                fields.setdefault(key, value)
-    except OSError:
-        pass
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
     from ...kernels.cpu import extension
 
+    fields = extension.cpu_fields()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
     return {"cpu": fields.get("model name") or platform.processor(), "cpu_family": fields.get("cpu family"),
             "cpu_model": fields.get("model"), "cpu_vector_flags": [flag for flag in _VECTOR_FLAGS if flag in flags],
             "cpu_kernels_build": extension.isa()}
