@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -33,15 +32,11 @@ def measure(batch: int, rounds: int) -> str:
         "kept": lambda: cpu_kernels.routing_backward(grad_v, u, weight, None, s, kept_u_hat, 3, False),
         "recomputing": lambda: cpu_kernels.routing_backward(grad_v, u, weight, None, s, kept_u_hat[:0], 3, False),
     }
-    seconds = {name: [] for name in variants}
-    for round_ in range(rounds + 5):
-        order = list(variants) if round_ % 2 else list(reversed(variants))
-        for name in order:
-            compiled.run()
-            started = time.perf_counter()
-            variants[name]()
-            if round_ >= 5:  # warm-up rounds are not kept
-                seconds[name].append(time.perf_counter() - started)
+    names = list(variants)
+    for name in names:  # warm-up, not kept
+        variants[name]()
+    samples = bench.interleaved_rounds([variants[name] for name in names], rounds, before_each=compiled.run)
+    seconds = dict(zip(names, samples))
     median, q1, q3 = report.round_ratios(seconds["recomputing"], seconds["kept"])
     return (f"B={batch}: backward kept {statistics.median(seconds['kept']) * 1e3:.3f} ms, "
             f"recomputing {statistics.median(seconds['recomputing']) * 1e3:.3f} ms; "

@@ -307,27 +307,38 @@ class Result:
         return flops(p.shape, p.iterations, p.mode) / self.timing.median / 1e9
 
 
-def measure_group(group: Sequence[Point], repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> List[Result]:
-    """Time the providers of one group in interleaved rounds, one call each per round, the
-    order rotated every round; at least ``repeats`` rounds, more (up to 10x) until the
-    rounds took ``min_seconds``. Sample k of every result comes from round k, so ratios
-    can be taken round by round: a slow stretch of the machine then slows the reference
-    and the provider alike instead of landing in their ratio."""
-    runners = [make_runner(point) for point in group]
-    for _ in range(warmup):
-        for runner in runners:
-            runner.run()
-    samples: List[List[float]] = [[] for _ in group]
+def interleaved_rounds(calls: Sequence[Callable[[], object]], repeats: int, min_seconds: float = 0.0,
+                       before_each: Optional[Callable[[], object]] = None) -> List[List[float]]:
+    """Seconds of each call, round by round: one call each per round, the order rotated every
+    round; at least ``repeats`` rounds, more (up to 10x) until the rounds took
+    ``min_seconds``. ``before_each`` runs untimed before every call (other work, so that a
+    call finds the caches as a real step would leave them). Sample k of every list comes
+    from round k, so ratios can be taken round by round: a slow stretch of the machine then
+    slows every call alike instead of landing in their ratio."""
+    samples: List[List[float]] = [[] for _ in calls]
     rounds, elapsed = 0, 0.0
     while rounds < repeats or (elapsed < min_seconds and rounds < 10 * repeats):
-        for offset in range(len(group)):
-            index = (rounds + offset) % len(group)
+        for offset in range(len(calls)):
+            index = (rounds + offset) % len(calls)
+            if before_each is not None:
+                before_each()
             started = time.perf_counter()
-            runners[index].run()
+            calls[index]()
             seconds = time.perf_counter() - started
             samples[index].append(seconds)
             elapsed += seconds
         rounds += 1
+    return samples
+
+
+def measure_group(group: Sequence[Point], repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> List[Result]:
+    """Time the providers of one group in interleaved rounds (interleaved_rounds), after
+    ``warmup`` untimed calls of each."""
+    runners = [make_runner(point) for point in group]
+    for _ in range(warmup):
+        for runner in runners:
+            runner.run()
+    samples = interleaved_rounds([runner.run for runner in runners], repeats, min_seconds)
     return [Result(point, samples[i], runners[i].first_call_seconds, None) for i, point in enumerate(group)]
 
 
