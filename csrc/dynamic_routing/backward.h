@@ -88,8 +88,10 @@ FASTCAPS_INLINE void prediction_gradients(const Dims& d, const BackwardState<T>&
   Vec<T>* c = scratch.couplings.data();
   Vec<T>* lg = scratch.logit_grads.data();
   for (int64_t t = state.first; t < r; ++t) {
-    couplings<T>(uh, state.v_sum_at(b, t), J, D, c + t * J);
-    if (t > state.first) logit_gradients<T>(uh, state.sigma_at(b, t), c + t * J, J, D, lg + t * J);
+    if (t > state.first)
+      couplings_and_logit_gradients<T>(uh, state.v_sum_at(b, t), state.sigma_at(b, t), J, D, c + t * J, lg + t * J);
+    else
+      couplings<T>(uh, state.v_sum_at(b, t), J, D, c + t * J);
   }
   with_gradient_terms(r - state.first, [&](auto terms) __attribute__((always_inline)) {
     sum_gradient_terms<T, terms()>(state, b, c, lg, J, D, g);

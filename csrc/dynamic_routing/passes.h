@@ -98,37 +98,41 @@ FASTCAPS_INLINE void with_tile_size(int64_t n, const F& f) {
   with_count_up_to<kSampleTile>(n, f);
 }
 
-// out[j] = sum_d a[j*D + d] * uh[j*D + d], lane-wise, d in order, for `count` capsules from
-// j0 at once: each sum is a chain of D dependent FMAs, and one chain at a time left the FMA
-// units waiting on its latency (perf on AVX2: the hottest line of the passes).
-template <typename T, int64_t count>
-FASTCAPS_INLINE void capsule_dots_from(const Vec<T>* uh, const T* a, int64_t j0, int64_t D, Vec<T>* out) {
-  Vec<T> acc[count] = {};
+// out[m][j] = sum_d a[m][j*D + d] * uh[j*D + d], lane-wise, d in order, for M vectors a and
+// `count` capsules from j0 at once: each sum is a chain of D dependent FMAs, and one chain at
+// a time left the FMA units waiting on its latency (perf on AVX2: the hottest line of the
+// passes). With M = 2 each vector of uh is loaded once for both dot products.
+template <typename T, int64_t M, int64_t count>
+FASTCAPS_INLINE void capsule_dots_from(const Vec<T>* uh, const T* const* a, int64_t j0, int64_t D,
+                                       Vec<T>* const* out) {
+  Vec<T> acc[M][count] = {};
   for (int64_t dd = 0; dd < D; ++dd)
-    for (int64_t q = 0; q < count; ++q) acc[q] += a[(j0 + q) * D + dd] * uh[(j0 + q) * D + dd];
-  for (int64_t q = 0; q < count; ++q) out[j0 + q] = acc[q];
+    for (int64_t q = 0; q < count; ++q) {
+      const Vec<T> u = uh[(j0 + q) * D + dd];
+      for (int64_t m = 0; m < M; ++m) acc[m][q] += a[m][(j0 + q) * D + dd] * u;
+    }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t q = 0; q < count; ++q) out[m][j0 + q] = acc[m][q];
 }
 
-// out[j] = uh_j . a_j for every j < J, in groups of equal size of at most kAccumulators
-// chains: J = 10 on AVX2 as 5 + 5, not 8 + 2, whose 2 chains of D dependent FMAs took as long
-// as the 8 (perf on AVX2, Zen 3). Grouping changes no sum.
-template <typename T>
-FASTCAPS_INLINE void capsule_dots(const Vec<T>* uh, const T* a, int64_t J, int64_t D, Vec<T>* out) {
-  const int64_t groups = (J + kAccumulators - 1) / kAccumulators, chains = (J + groups - 1) / std::max<int64_t>(groups, 1);
-  for (int64_t j = 0; j < J; j += chains)
-    with_count_up_to<kAccumulators>(std::min(chains, J - j), [&](auto count) __attribute__((always_inline)) {
-      capsule_dots_from<T, count()>(uh, a, j, D, out);
+// out[m][j] = uh_j . a[m]_j for every j < J and m < M, in groups of near-equal size of at most
+// kAccumulators / M capsules: J = 10 on AVX2 as 5 + 5, not 8 + 2, whose 2 chains of D
+// dependent FMAs took as long as the 8 (perf on AVX2, Zen 3). Grouping changes no sum.
+template <typename T, int64_t M>
+FASTCAPS_INLINE void capsule_dots(const Vec<T>* uh, const T* const* a, int64_t J, int64_t D, Vec<T>* const* out) {
+  constexpr int64_t kChains = kAccumulators / M;
+  for (int64_t j = 0, groups = (J + kChains - 1) / kChains; j < J; --groups) {
+    const int64_t count = (J - j + groups - 1) / groups;
+    with_count_up_to<kChains>(count, [&](auto chains) __attribute__((always_inline)) {
+      capsule_dots_from<T, M, chains()>(uh, a, j, D, out);
     });
+    j += count;
+  }
 }
 
-// c[j] = softmax_j(uh_j . v_sum_j) lane-wise; uniform 1/J when v_sum is null (first pass).
+// c[j] = softmax_j(c[j]) lane-wise.
 template <typename T>
-FASTCAPS_INLINE void couplings(const Vec<T>* uh, const T* v_sum, int64_t J, int64_t D, Vec<T>* c) {
-  if (v_sum == nullptr) {
-    for (int64_t j = 0; j < J; ++j) c[j] = Vec<T>{} + T(1) / T(J);
-    return;
-  }
-  capsule_dots<T>(uh, v_sum, J, D, c);
+FASTCAPS_INLINE void softmax_over_capsules(int64_t J, Vec<T>* c) {
   Vec<T> largest = c[0];
   for (int64_t j = 1; j < J; ++j) largest = c[j] > largest ? c[j] : largest;
   Vec<T> total = {};
@@ -140,15 +144,36 @@ FASTCAPS_INLINE void couplings(const Vec<T>* uh, const T* v_sum, int64_t J, int6
   for (int64_t j = 0; j < J; ++j) c[j] *= inverse;
 }
 
-// delta[j] = dL/dlogit_j = c_j (gamma_j - sum_k c_k gamma_k), gamma_j = sigma_j . uh_j: the
-// gradient through the couplings (DESIGN.md section 3), lane-wise.
+// delta[j] = dL/dlogit_j = c_j (gamma_j - sum_k c_k gamma_k) from gamma_j = sigma_j . uh_j
+// (held in delta): the gradient through the couplings (DESIGN.md section 3), lane-wise.
 template <typename T>
-FASTCAPS_INLINE void logit_gradients(const Vec<T>* uh, const T* sigma, const Vec<T>* c, int64_t J, int64_t D,
-                                     Vec<T>* delta) {
-  capsule_dots<T>(uh, sigma, J, D, delta);  // gamma
+FASTCAPS_INLINE void logit_gradients_from_gammas(const Vec<T>* c, int64_t J, Vec<T>* delta) {
   Vec<T> mean = {};
   for (int64_t j = 0; j < J; ++j) mean += c[j] * delta[j];
   for (int64_t j = 0; j < J; ++j) delta[j] = c[j] * (delta[j] - mean);
+}
+
+// c[j] = softmax_j(uh_j . v_sum_j) lane-wise; uniform 1/J when v_sum is null (first pass).
+template <typename T>
+FASTCAPS_INLINE void couplings(const Vec<T>* uh, const T* v_sum, int64_t J, int64_t D, Vec<T>* c) {
+  if (v_sum == nullptr) {
+    for (int64_t j = 0; j < J; ++j) c[j] = Vec<T>{} + T(1) / T(J);
+    return;
+  }
+  capsule_dots<T, 1>(uh, &v_sum, J, D, &c);
+  softmax_over_capsules<T>(J, c);
+}
+
+// The couplings c of an iteration past the first (v_sum not null) and their logit gradients
+// delta (logit_gradients_from_gammas), both dot products taken in one read of uh.
+template <typename T>
+FASTCAPS_INLINE void couplings_and_logit_gradients(const Vec<T>* uh, const T* v_sum, const T* sigma, int64_t J,
+                                                   int64_t D, Vec<T>* c, Vec<T>* delta) {
+  const T* a[2] = {v_sum, sigma};
+  Vec<T>* out[2] = {c, delta};
+  capsule_dots<T, 2>(uh, a, J, D, out);
+  softmax_over_capsules<T>(J, c);
+  logit_gradients_from_gammas<T>(c, J, delta);
 }
 
 // One routing pass over one chunk of a sample's capsules, written to partial (jd values):
@@ -240,8 +265,8 @@ void sweep_chunk(const Packed<T>& p, const Tile<T>& tile, const Vec<T>* chunk_we
       if (pass.sigma == nullptr) {
         couplings<T>(uh[s], pass.v_sum, J, D, capsule_weights(s, blk));
       } else {
-        couplings<T>(uh[s], pass.v_sum, J, D, scratch.couplings.data());
-        logit_gradients<T>(uh[s], pass.sigma, scratch.couplings.data(), J, D, capsule_weights(s, blk));
+        couplings_and_logit_gradients<T>(uh[s], pass.v_sum, pass.sigma, J, D, scratch.couplings.data(),
+                                         capsule_weights(s, blk));
       }
     }
   }
