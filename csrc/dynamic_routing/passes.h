@@ -116,8 +116,9 @@ FASTCAPS_INLINE void capsule_dots_from(const Vec<T>* uh, const T* const* a, int6
 }
 
 // out[m][j] = uh_j . a[m]_j for every j < J and m < M, in groups of near-equal size of at most
-// kAccumulators / M capsules: J = 10 on AVX2 as 5 + 5, not 8 + 2, whose 2 chains of D
-// dependent FMAs took as long as the 8 (perf on AVX2, Zen 3). Grouping changes no sum.
+// kAccumulators / M capsules: J = 10 on AVX2 as 5 + 5 (M = 1) or 4 + 3 + 3 (M = 2), not 8 + 2,
+// whose 2 chains of D dependent FMAs took as long as the 8 (perf on AVX2, Zen 3). Grouping
+// changes no sum.
 template <typename T, int64_t M>
 FASTCAPS_INLINE void capsule_dots(const Vec<T>* uh, const T* const* a, int64_t J, int64_t D, Vec<T>* const* out) {
   constexpr int64_t kChains = kAccumulators / M;
