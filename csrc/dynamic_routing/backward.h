@@ -21,8 +21,7 @@ FASTCAPS_KERNELS_BEGIN
 // Per-sample routing state the backward needs: V_{t-1} and sigma_t = dL/ds_t, (B, r, jd) each.
 template <typename T>
 struct BackwardState {
-  int64_t iterations, jd, first;  // first: the first iteration that carries gradient
-  bool detach_routing;
+  int64_t iterations, jd, first;  // first: the first iteration that carries gradient (r - 1 if detached)
   std::vector<T> v_sum, sigma;
   const T* v_sum_at(int64_t b, int64_t t) const { return t == 0 ? nullptr : v_sum.data() + (b * iterations + t) * jd; }
   const T* sigma_at(int64_t b, int64_t t) const { return sigma.data() + (b * iterations + t) * jd; }
@@ -231,7 +230,7 @@ void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool d
                      const T* u, T* grad_u, T* grad_weight, T* grad_bias) {
   const Dims& d = p.d;
   const int64_t B = d.batch, J = d.out_caps, D = d.out_dim, jd = p.jd, r = d.iterations;
-  BackwardState<T> state{r, jd, detach_routing ? r - 1 : 0, detach_routing, std::vector<T>(B * r * jd, T(0)),
+  BackwardState<T> state{r, jd, detach_routing ? r - 1 : 0, std::vector<T>(B * r * jd, T(0)),
                          std::vector<T>(B * r * jd, T(0))};
   const auto s_at = [&](int64_t b, int64_t t) { return s_all + (b * r + t) * jd; };
 

@@ -209,29 +209,22 @@ struct Tile {
 };
 
 // sums[j*D + d] = sum over the chunk's blocks, in order, of weights[blk, j] * uh[blk, j*D + d]:
-// per output capsule j the blocks' weights are taken once, out of the loop over d. Blocks
-// is a constant for a whole chunk (kChunkBlocks), else 0 and `blocks` is used: with the
-// loop over blocks innermost and its length known at run time only, every output waited on
-// its own chain of loads and FMAs (perf on AVX2, Zen 3: the hottest line of sweep_chunk).
+// per output capsule j the blocks' weights are taken once, out of the loop over d. Blocks is
+// the chunk's block count as a constant for a whole chunk (kChunkBlocks), else 0 and
+// `blocks` (at most kChunkBlocks) is used: with the loop over blocks innermost and its length
+// known at run time only, every output waited on its own chain of loads and FMAs (perf on
+// AVX2, Zen 3: the hottest line of sweep_chunk).
 template <typename T, int64_t Blocks>
 FASTCAPS_INLINE void chunk_sums(const Vec<T>* weights, const Vec<T>* uh, int64_t blocks, int64_t J, int64_t D,
                                 int64_t jd, Vec<T>* sums) {
-  constexpr int64_t kHeld = Blocks > 0 ? Blocks : 1;
+  const int64_t count = Blocks > 0 ? Blocks : blocks;
   for (int64_t j = 0; j < J; ++j) {
-    if constexpr (Blocks > 0) {
-      Vec<T> wj[kHeld];
-      for (int64_t blk = 0; blk < Blocks; ++blk) wj[blk] = weights[blk * J + j];
-      for (int64_t dd = 0; dd < D; ++dd) {
-        Vec<T> acc = {};
-        for (int64_t blk = 0; blk < Blocks; ++blk) acc += wj[blk] * uh[blk * jd + j * D + dd];
-        sums[j * D + dd] = acc;
-      }
-    } else {
-      for (int64_t dd = 0; dd < D; ++dd) {
-        Vec<T> acc = {};
-        for (int64_t blk = 0; blk < blocks; ++blk) acc += weights[blk * J + j] * uh[blk * jd + j * D + dd];
-        sums[j * D + dd] = acc;
-      }
+    Vec<T> wj[kChunkBlocks];
+    for (int64_t blk = 0; blk < count; ++blk) wj[blk] = weights[blk * J + j];
+    for (int64_t dd = 0; dd < D; ++dd) {
+      Vec<T> acc = {};
+      for (int64_t blk = 0; blk < count; ++blk) acc += wj[blk] * uh[blk * jd + j * D + dd];
+      sums[j * D + dd] = acc;
     }
   }
 }
