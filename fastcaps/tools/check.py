@@ -169,6 +169,31 @@ def check_case(backend: str, case: Case, dtype: torch.dtype, seed: int = 0, orac
                errors[3] if case.bias else None, fd)
 
 
+def half_check(backend: str, shape: RoutingShape, dtype: torch.dtype, device: str = "cpu", seed: int = 7,
+               iterations: int = 3) -> dict:
+    """float16 or bfloat16 inputs, computed in float32 by the kernels: elementwise
+    |kernel - ref64| <= 2 |ref_low - ref64| + 1e-2 max|ref64| for v and every gradient, where
+    ref64 is the reference in float64 of the same (rounded) values and ref_low the reference
+    computed in ``dtype`` itself; outputs and gradients keep the input dtypes. Returns
+    {"passed", "dtypes_kept", "error", "error_same_dtype"} (normwise errors, worst tensor)."""
+    u, weight, bias, grad_v = make_inputs(shape, seed, bias=True)
+    exact = [t.detach().to(dtype).double().requires_grad_() for t in (u, weight, bias)]
+    low = [t.detach().to(dtype).requires_grad_() for t in (u, weight, bias)]
+    on_device = [t.detach().to(dtype).to(device).requires_grad_() for t in (u, weight, bias)]
+    results, dtypes_kept = [], True
+    routes = ((exact, "reference"), (low, "reference"), (on_device, backend))
+    for leaves, name in routes:
+        v = dynamic_routing(*leaves, iterations=iterations, backend=name)
+        grads = torch.autograd.grad(v, leaves, grad_v.to(v.dtype).to(v.device))
+        dtypes_kept &= v.dtype == leaves[0].dtype and all(g.dtype == x.dtype for g, x in zip(grads, leaves))
+        results.append([t.detach().double().cpu() for t in (v, *grads)])
+    within = all(bool(torch.all((kernel - ref64).abs() <= 2 * (ref_low - ref64).abs() + 1e-2 * ref64.abs().max()))
+                 for ref64, ref_low, kernel in zip(*results))
+    return {"passed": within and bool(dtypes_kept), "dtypes_kept": bool(dtypes_kept),
+            "error": max(_error(k, r) for r, k in zip(results[0], results[2])),
+            "error_same_dtype": max(_error(l, r) for r, l in zip(results[0], results[1]))}
+
+
 def run(
     backends: Sequence[str],
     cases: Iterable[Case],

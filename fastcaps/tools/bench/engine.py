@@ -225,7 +225,10 @@ def _status_kib(field_name: str) -> int:
         return int(re.search(rf"^{field_name}:\s+(\d+) kB", status.read(), re.MULTILINE).group(1))
 
 
-def _peak_in_this_process(point: Point) -> int:
+def peak_in_this_process(point: Point) -> int:
+    """Peak memory growth of one call of ``point`` in this process (after a warm-up call):
+    CUDA, the allocator's peak; CPU, the peak RSS growth (``peak_memory`` runs it in a fresh
+    process, where that is meaningful)."""
     runner = make_runner(point)  # its first call is the warm-up
     if point.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -410,7 +413,7 @@ def points(cases: Sequence[str], batches: Sequence[int], iterations: Sequence[in
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--memory-worker":
-        print(_peak_in_this_process(_point_from_json(json.loads(sys.argv[2]))))
+        print(peak_in_this_process(_point_from_json(json.loads(sys.argv[2]))))
     elif len(sys.argv) == 3 and sys.argv[1] == "--time-worker":
         print(json.dumps(_time_worker(json.loads(sys.argv[2]))))
     else:

@@ -115,7 +115,7 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__,
         "fastcaps": __version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     try:
         import triton
@@ -128,7 +128,7 @@ def machine() -> dict:
     return meta
 
 
-def _git_commit() -> Optional[str]:
+def git_commit() -> Optional[str]:
     """The source checkout's commit, when fastcaps runs from one."""
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
