@@ -101,7 +101,7 @@ def compile_all(archs: Sequence[int] = ARCHS, shape: RoutingShape = MNIST) -> Li
             source = ASTSource(fn=launch.kernel, signature=signature, constexprs=launch.constexprs)
             try:
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                          options={"num_warps": launch.num_warps, "enable_fp_fusion": True})
+                                          options=launch.compile_options)
             except Exception as error:
                 raise RuntimeError(f"{launch.name} {launch.constexprs} {dtype} failed to compile for sm_{arch}: "
                                    f"{error}") from error

@@ -9,7 +9,7 @@ the ahead-of-time compile (``python -m fastcaps.tools.aot``) compiles exactly th
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, NamedTuple, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -26,7 +26,14 @@ class PassConfig(NamedTuple):
 # Every configuration a pass can launch with; tests compile each ahead of time.
 PASS_CONFIGS = (PassConfig(1, 4), PassConfig(2, 4), PassConfig(4, 4), PassConfig(8, 4), PassConfig(16, 8))
 REDUCE_CONFIG = PassConfig(1, 2)
-FINAL_NUM_WARPS = 4
+# Phase B's configurations: one sample at a time (below 16 samples; float64 on 8 warps), or
+# 16 per step on tl.dot. Warps chosen by the ahead-of-time compile (python -m
+# fastcaps.tools.aot): the fewest with no spill at the MNIST dimensions on sm_80 and sm_90
+# (8 warps for one float32 sample put 16 bytes on the stack on sm_80, 4 for float64 8). The
+# batch is split into at most MAX_FINAL_SPLITS parts when the input capsules alone give too
+# few programs.
+FINAL_CONFIGS = (PassConfig(1, 4), PassConfig(1, 8), PassConfig(16, 8))
+MAX_FINAL_SPLITS = 16
 # Passes aim at this many programs per streaming multiprocessor, so a wave fills the GPU.
 _PROGRAMS_PER_SM = 4
 # The dtypes a launch takes: half inputs compute in float32, float64 in float64.
@@ -124,11 +131,28 @@ def uses_dot(config: PassConfig, dtype: torch.dtype, out_caps: int, out_dim: int
     return config.block_b >= 16 and columns >= 16 and dtype != torch.float64
 
 
+# Compile options of every launch, the same in the launchers and the ahead-of-time compile
+# (tools/aot.py), so that the report describes the programs that run. FP fusion (a * b + c as
+# one FMA) is set, not left to Triton's default, which Triton has said it may change.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+# Phase B's kernel also says the architecture's register limit: without it ptxas held some
+# of its programs to 64 or 96 registers and put 8-24 bytes on the stack ((J, D, Din) =
+# (3, 5, 3), tl.dot, sm_80 and sm_90: python -m fastcaps.tools.aot). Not set for the other
+# kernels, where it raised the registers of the passes (92 to 124 for one sample) and fixed
+# nothing.
+FINAL_OPTIONS = {"maxnreg": 255}
+
+
 class Launch(NamedTuple):
     name: str
     kernel: object  # a @triton.jit function of routing_jit
     constexprs: Dict[str, object]
     num_warps: int
+    options: Optional[Dict[str, object]] = None  # compile options beside COMPILE_OPTIONS
+
+    @property
+    def compile_options(self) -> Dict[str, object]:
+        return {"num_warps": self.num_warps, **COMPILE_OPTIONS, **(self.options or {})}
 
 
 def pass_launch(config: PassConfig, dtype: torch.dtype, shape: RoutingShape, backward: bool) -> Launch:
@@ -150,10 +174,44 @@ def backward_reduce_launch(shape: RoutingShape, prologue: bool) -> Launch:
                   dict(PROLOGUE=prologue, **_reduce_blocks(shape)), REDUCE_CONFIG.num_warps)
 
 
-def final_launch(shape: RoutingShape, detach_routing: bool) -> Launch:
+def final_config(batch: int, dtype: torch.dtype) -> PassConfig:
+    """16 samples per step, the three products of phase B on tl.dot, once the batch has 16
+    (tl.dot's smallest tile; not float64); else one sample at a time."""
+    if dtype == torch.float64:
+        return FINAL_CONFIGS[1]
+    return FINAL_CONFIGS[2] if batch >= FINAL_CONFIGS[2].block_b else FINAL_CONFIGS[0]
+
+
+class FinalPlan(NamedTuple):
+    config: PassConfig
+    splits: int  # parts of the batch, each a program per input capsule (grid axis 1)
+    samples_per_split: int  # a multiple of config.block_b
+
+
+def final_plan(batch: int, in_caps: int, dtype: torch.dtype, processors: int) -> FinalPlan:
+    """Phase B's configuration, and the batch split into whole blocks of samples when the
+    input capsules alone give fewer than _PROGRAMS_PER_SM programs per multiprocessor (each
+    split's grad W is then a partial, added by the launcher): at most MAX_FINAL_SPLITS, and
+    never more than there are blocks."""
+    config = final_config(batch, dtype)
+    blocks = max(1, triton.cdiv(batch, config.block_b))
+    wanted = triton.cdiv(processors * _PROGRAMS_PER_SM, max(in_caps, 1))
+    splits = max(1, min(blocks, wanted, MAX_FINAL_SPLITS))
+    per_split = triton.cdiv(blocks, splits) * config.block_b
+    return FinalPlan(config, max(1, triton.cdiv(batch, per_split)), per_split)
+
+
+def final_launch(shape: RoutingShape, detach_routing: bool, config: PassConfig, dtype: torch.dtype) -> Launch:
+    use_dot = uses_dot(config, dtype, shape.out_caps, shape.out_dim)
     return Launch("routing_final", jit._routing_final_kernel,
-                  dict(DETACH_ROUTING=detach_routing, J_PAD=padded(shape.out_caps), D_PAD=padded(shape.out_dim),
-                       DIN_PAD=padded(shape.in_dim)), FINAL_NUM_WARPS)
+                  dict(DETACH_ROUTING=detach_routing, BLOCK_B=config.block_b, J_PAD=padded(shape.out_caps),
+                       D_PAD=padded(shape.out_dim), DIN_PAD=padded(shape.in_dim, 16 if use_dot else 1),
+                       USE_DOT=use_dot), config.num_warps, FINAL_OPTIONS)
+
+
+def reachable_final_configs(dtype: torch.dtype) -> List[PassConfig]:
+    reachable = {final_config(batch, dtype) for batch in range(1, 2 * FINAL_CONFIGS[-1].block_b + 1)}
+    return [config for config in FINAL_CONFIGS if config in reachable]
 
 
 def _reduce_blocks(shape: RoutingShape) -> Dict[str, int]:
@@ -175,8 +233,9 @@ def launch_configurations(shape: RoutingShape) -> Iterator[Tuple[torch.dtype, La
                 yield dtype, pass_launch(config, dtype, shape, backward)
         for has_bias in (False, True):
             yield dtype, forward_reduce_launch(shape, has_bias)
-        for detach_routing in (False, True):
-            yield dtype, final_launch(shape, detach_routing)
+        for config in reachable_final_configs(dtype):
+            for detach_routing in (False, True):
+                yield dtype, final_launch(shape, detach_routing, config, dtype)
     for dtype in (torch.float32, torch.float64):
         for prologue in (False, True):
             yield dtype, backward_reduce_launch(shape, prologue)

@@ -8,10 +8,15 @@ chunk), and writes per-chunk partial sums; a small reduction kernel adds the par
 chunk order. That is deterministic (no atomics) and fills the GPU at batch 1. Forward: per
 iteration a pass and a reduction (2r launches). Backward: a prologue (V_{t-1} for every t
 and sigma_r), then per iteration r..2 a pass and a reduction giving the next sigma
-(DESIGN.md section 3, phase A), then one final kernel, one program per input capsule,
-that walks the batch in order and writes grad u and that capsule's grad W (2r launches;
-2 with detach_routing). grad bias is the sum of sigma over samples and iterations. Every
-launch's compile-time arguments come from configs.py.
+(DESIGN.md section 3, phase A), then one final kernel, one program per input capsule
+(and per split of the batch where the capsules alone would leave the GPU idle), that walks
+its samples in order, 16 at a time on tl.dot from 16 samples up, and writes grad u and that
+capsule's grad W, or the split's partial of it, added by torch.sum (2r launches, 2 with
+detach_routing, and the sum when split). grad bias is the sum of sigma over samples and iterations. Every
+launch's compile-time arguments and compile options come from configs.py. Every launch is
+made on u's device (``torch.cuda.device(u.device)``), whichever GPU is current, and nothing
+here waits for the GPU (no host sync), so that forward+backward can be captured in a CUDA
+graph (tests/test_triton_kernels.py checks the launchers for syncing calls).
 
 Under TRITON_INTERPRET=1 (set before triton is imported) the same kernels run on CPU
 tensors, which is how CI checks them. The interpreter has no bfloat16: there bfloat16
@@ -21,6 +26,7 @@ bfloat16 product is exact in float32) that the GPU's bfloat16 path accumulates i
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -33,7 +39,12 @@ from .routing_jit import INTERPRETED
 
 
 def _run(launch: configs.Launch, grid, *arguments) -> None:
-    launch.kernel[grid](*arguments, **launch.constexprs, num_warps=launch.num_warps)
+    launch.kernel[grid](*arguments, **launch.constexprs, **launch.compile_options)
+
+
+def _on_device(u: Tensor):
+    """Launches on u's GPU, not on the current one (a tensor on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
 
 
 def _launch_pass(shape: RoutingShape, plan: configs.PassPlan, u: Tensor, weight: Tensor, v_sum: Tensor,
@@ -68,22 +79,23 @@ def routing_forward(
     kept_u_hat = s.new_empty(0)
     if batch == 0:
         return v, s, kept_u_hat
-    u_k, weight_k = _prepare(u, weight)
-    bias_k = s if bias is None else bias.contiguous()
-    plan = configs.pass_plan(batch, in_caps, u_k.dtype, configs.processors(u.device))
-    whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
-    for start, stop in configs.launch_ranges(batch, plan.config.block_b):
-        rows = stop - start
-        shape = whole.with_batch(rows)
-        reduce = configs.forward_reduce_launch(shape, bias is not None)
-        v_sum = u.new_empty(rows, out_caps, out_dim, dtype=acc)
-        for t in range(iterations):
-            # v_sum holds V_{t-1} for every row once t > 0; V_0 = 0 is not stored.
-            v_sum_rows = rows if t > 0 else 0
-            partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum, out_caps * out_dim,
-                                   v_sum_rows, None, 0, acc, backward=False)
-            _run(reduce, configs.reduce_grid(rows), partial, bias_k, s[start:stop], v_sum, v[start:stop],
-                 rows, out_caps, out_dim, iterations, t, plan.chunks, v_sum_rows)
+    with _on_device(u):
+        u_k, weight_k = _prepare(u, weight)
+        bias_k = s if bias is None else bias.contiguous()
+        plan = configs.pass_plan(batch, in_caps, u_k.dtype, configs.processors(u.device))
+        whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
+        for start, stop in configs.launch_ranges(batch, plan.config.block_b):
+            rows = stop - start
+            shape = whole.with_batch(rows)
+            reduce = configs.forward_reduce_launch(shape, bias is not None)
+            v_sum = u.new_empty(rows, out_caps, out_dim, dtype=acc)
+            for t in range(iterations):
+                # v_sum holds V_{t-1} for every row once t > 0; V_0 = 0 is not stored.
+                v_sum_rows = rows if t > 0 else 0
+                partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum, out_caps * out_dim,
+                                       v_sum_rows, None, 0, acc, backward=False)
+                _run(reduce, configs.reduce_grid(rows), partial, bias_k, s[start:stop], v_sum, v[start:stop],
+                     rows, out_caps, out_dim, iterations, t, plan.chunks, v_sum_rows)
     return v, s, kept_u_hat
 
 
@@ -97,40 +109,49 @@ def routing_backward(
     out_caps, _, out_dim, _ = weight.shape
     if batch == 0:
         return torch.empty_like(u), torch.zeros_like(weight), weight.new_zeros(out_caps, out_dim)
-    u_k, weight_k = _prepare(u, weight)
-    s = s.contiguous()
-    grad_v_k = grad_v.to(acc).contiguous()
-    jd = out_caps * out_dim
-    v_sum = u.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)  # V_{t-1} for every t
-    sigma = torch.empty_like(v_sum)
-    # With detach_routing only the last iteration carries gradient and c_r is a constant.
-    first_differentiable = iterations - 1 if detach_routing else 0
-    plan = configs.pass_plan(batch, in_caps, u_k.dtype, configs.processors(u.device))
-    whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
-    for start, stop in configs.launch_ranges(batch, plan.config.block_b):
-        rows = stop - start
-        shape = whole.with_batch(rows)
-        # This launch's samples: views into the batch's buffers.
-        s_part, grad_v_part = s[start:stop], grad_v_k[start:stop]
-        v_sum_part, sigma_part = v_sum[start:stop], sigma[start:stop]
-        carried = u.new_empty(rows, out_caps, out_dim, dtype=acc)
-        _run(configs.backward_reduce_launch(shape, prologue=True), configs.reduce_grid(rows),
-             s_part, s_part, grad_v_part, carried, v_sum_part, sigma_part, rows, out_caps, out_dim,
-             iterations, iterations - 1, 0)
-        # Phase A: the r - 1 reverse passes, each a pass and a reduction giving the next sigma.
-        reduce = configs.backward_reduce_launch(shape, prologue=False)
-        for t in range(iterations - 1, first_differentiable, -1):
-            partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum_part[:, t], iterations * jd,
-                                   rows, sigma_part[:, t], iterations * jd, acc, backward=True)
-            _run(reduce, configs.reduce_grid(rows), partial, s_part, grad_v_part, carried, v_sum_part,
-                 sigma_part, rows, out_caps, out_dim, iterations, t - 1, plan.chunks)
-    # Phase B. Every element is written: program i writes grad u[:, i] and grad W[:, i].
-    grad_u_k, grad_weight_k = torch.empty_like(u_k), torch.empty_like(weight_k)
-    final = configs.final_launch(whole, detach_routing)
-    for first, last in configs.launch_ranges(in_caps):
-        _run(final, (last - first,), u_k, weight_k, v_sum, sigma, grad_u_k, grad_weight_k,
-             batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first)
-    grad_bias = sigma[:, first_differentiable:].sum(dim=(0, 1))
+    with _on_device(u):
+        u_k, weight_k = _prepare(u, weight)
+        s = s.contiguous()
+        grad_v_k = grad_v.to(acc).contiguous()
+        jd = out_caps * out_dim
+        v_sum = u.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)  # V_{t-1} for every t
+        sigma = torch.empty_like(v_sum)
+        # With detach_routing only the last iteration carries gradient and c_r is a constant.
+        first_differentiable = iterations - 1 if detach_routing else 0
+        plan = configs.pass_plan(batch, in_caps, u_k.dtype, configs.processors(u.device))
+        whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
+        for start, stop in configs.launch_ranges(batch, plan.config.block_b):
+            rows = stop - start
+            shape = whole.with_batch(rows)
+            # This launch's samples: views into the batch's buffers.
+            s_part, grad_v_part = s[start:stop], grad_v_k[start:stop]
+            v_sum_part, sigma_part = v_sum[start:stop], sigma[start:stop]
+            carried = u.new_empty(rows, out_caps, out_dim, dtype=acc)
+            _run(configs.backward_reduce_launch(shape, prologue=True), configs.reduce_grid(rows),
+                 s_part, s_part, grad_v_part, carried, v_sum_part, sigma_part, rows, out_caps, out_dim,
+                 iterations, iterations - 1, 0)
+            # Phase A: the r - 1 reverse passes, each a pass and a reduction giving the next sigma.
+            reduce = configs.backward_reduce_launch(shape, prologue=False)
+            for t in range(iterations - 1, first_differentiable, -1):
+                partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum_part[:, t], iterations * jd,
+                                       rows, sigma_part[:, t], iterations * jd, acc, backward=True)
+                _run(reduce, configs.reduce_grid(rows), partial, s_part, grad_v_part, carried, v_sum_part,
+                     sigma_part, rows, out_caps, out_dim, iterations, t - 1, plan.chunks)
+        # Phase B. Every element is written: program (i, split) writes grad u[split's rows, i]
+        # and the split's grad W[:, i], straight into grad W when there is one split.
+        final_plan = configs.final_plan(batch, in_caps, u_k.dtype, configs.processors(u.device))
+        final = configs.final_launch(whole, detach_routing, final_plan.config, u_k.dtype)
+        grad_u_k = torch.empty_like(u_k)
+        splits = final_plan.splits
+        grad_w_k = (torch.empty_like(weight_k) if splits == 1
+                    else weight_k.new_empty(splits, *weight_k.shape, dtype=acc))
+        for first, last in configs.launch_ranges(in_caps):
+            _run(final, (last - first, splits), u_k, weight_k, v_sum, sigma, grad_u_k, grad_w_k,
+                 batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first,
+                 final_plan.samples_per_split, weight_k.numel() if splits > 1 else 0)
+        # The splits' partials: torch.sum, no atomics, so the same bits every run.
+        grad_weight_k = grad_w_k if splits == 1 else grad_w_k.sum(dim=0)
+        grad_bias = sigma[:, first_differentiable:].sum(dim=(0, 1))
     return grad_u_k.to(u.dtype), grad_weight_k.to(weight.dtype), grad_bias.to(weight.dtype)
 
 

@@ -69,24 +69,31 @@ def _state_tile(first_row, batch, out_caps, out_dim, BLOCK_B: tl.constexpr, J_PA
 
 
 @triton.jit
-def _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
-             BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
-             DIN_PAD: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr):
-    """u_hat[b, j, d] = sum_e W[j, capsule, d, e] u[b, capsule, e] for a block of samples,
-    as (BLOCK_B, J_PAD, D_PAD) in ACC; zero in padded rows, capsules and dims."""
-    capsule = tl.cast(capsule, tl.int64)
-    # u tile (BLOCK_B, DIN_PAD)
+def _u_tile(u_ptr, rows, capsule, batch, in_caps, in_dim, BLOCK_B: tl.constexpr, DIN_PAD: tl.constexpr):
+    """u[rows, capsule, :] as (BLOCK_B, DIN_PAD), zero past the batch and Din."""
     sample = tl.reshape(rows, (BLOCK_B, 1))
     feature = tl.arange(0, DIN_PAD)[None, :]
-    u_tile = tl.load(u_ptr + (sample * in_caps + capsule) * in_dim + feature,
-                     mask=(sample < batch) & (feature < in_dim), other=0.0)
-    # W tile (DIN_PAD, J_PAD * D_PAD): column j * D_PAD + d holds W[j, capsule, d, :]
+    return tl.load(u_ptr + (sample * in_caps + capsule) * in_dim + feature,
+                   mask=(sample < batch) & (feature < in_dim), other=0.0)
+
+
+@triton.jit
+def _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                    DIN_PAD: tl.constexpr):
+    """Offsets and mask of W[:, capsule] as a (DIN_PAD, J_PAD * D_PAD) tile: column j * D_PAD + d
+    holds W[j, capsule, d, :]."""
     column = tl.arange(0, J_PAD * D_PAD)[None, :]
     out_cap = (column // D_PAD).to(tl.int64)  # J * I can pass 2^31
     out_d = column % D_PAD
     in_e = tl.arange(0, DIN_PAD)[:, None]
-    w_tile = tl.load(w_ptr + ((out_cap * in_caps + capsule) * out_dim + out_d) * in_dim + in_e,
-                     mask=(out_cap < out_caps) & (out_d < out_dim) & (in_e < in_dim), other=0.0)
+    offsets = ((out_cap * in_caps + capsule) * out_dim + out_d) * in_dim + in_e
+    return offsets, (out_cap < out_caps) & (out_d < out_dim) & (in_e < in_dim)
+
+
+@triton.jit
+def _predict_from_tiles(u_tile, w_tile, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                        USE_DOT: tl.constexpr, ACC: tl.constexpr):
+    """u_hat = u_tile @ w_tile as (BLOCK_B, J_PAD, D_PAD) in ACC."""
     if USE_DOT:
         # float32 in IEEE precision (TF32 would miss the 1e-4 the checks hold it to);
         # half inputs go to the tensor cores as they are: their products are exact in float32.
@@ -94,6 +101,19 @@ def _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_
     else:
         flat = tl.sum(u_tile.to(ACC)[:, :, None] * w_tile.to(ACC)[None, :, :], axis=1)
     return tl.reshape(flat, (BLOCK_B, J_PAD, D_PAD))
+
+
+@triton.jit
+def _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
+             BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
+             DIN_PAD: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr):
+    """u_hat[b, j, d] = sum_e W[j, capsule, d, e] u[b, capsule, e] for a block of samples,
+    as (BLOCK_B, J_PAD, D_PAD) in ACC; zero in padded rows, capsules and dims."""
+    capsule = tl.cast(capsule, tl.int64)
+    u_tile = _u_tile(u_ptr, rows, capsule, batch, in_caps, in_dim, BLOCK_B, DIN_PAD)
+    w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, J_PAD, D_PAD, DIN_PAD)
+    w_tile = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
+    return _predict_from_tiles(u_tile, w_tile, BLOCK_B, J_PAD, D_PAD, USE_DOT, ACC)
 
 
 @triton.jit
@@ -238,36 +258,42 @@ def _routing_final_kernel(
     v_sum_ptr,  # (B, r, J, D): V_{t-1}
     sigma_ptr,  # (B, r, J, D): dL/ds_t
     grad_u_ptr,  # (B, I, Din) u's dtype
-    grad_w_ptr,  # (J, I, D, Din) weight's dtype
+    grad_w_ptr,  # (splits, J, I, D, Din): weight's dtype with one split, else acc partials
     batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first_capsule,
-    DETACH_ROUTING: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr, DIN_PAD: tl.constexpr,
+    samples_per_split, grad_w_split_stride,
+    DETACH_ROUTING: tl.constexpr, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    DIN_PAD: tl.constexpr, USE_DOT: tl.constexpr,
 ):
-    """Phase B for one input capsule i (first_capsule + the program id): for each sample in order,
-    g_uhat[j] = sum_t c_t[j] sigma_t[j] + delta_t[j] V_{t-1}[j], then grad u[b, i] = sum_j
-    W[j, i]^T g_uhat[j] and grad W[:, i] += g_uhat u[b, i]^T. The program owns grad W[:, i],
-    so the sum over the batch needs no atomics and is taken in batch order."""
+    """Phase B for one input capsule i (first_capsule + program id 0) and one split of the
+    batch (program id 1), BLOCK_B samples at a time, blocks in batch order:
+    u_hat = U W_i, g[j] = sum_t c_t[j] sigma_t[j] + delta_t[j] V_{t-1}[j] per sample, then
+    grad u[rows, i] = g W_i^T and grad W[:, i] += U^T g, the three products on tl.dot from 16
+    samples up. The program owns its split's grad W[:, i]: no atomics, the batch sum in
+    batch order; the splits' partials are added in split order by the launcher."""
     ACC = v_sum_ptr.dtype.element_ty
     capsule = tl.program_id(0).to(tl.int64) + first_capsule
-    cap = tl.arange(0, J_PAD).to(tl.int64)[:, None, None]  # J * I can pass 2^31
-    dim = tl.arange(0, D_PAD)[None, :, None]
-    feature = tl.arange(0, DIN_PAD)[None, None, :]
-    w_offsets = ((cap * in_caps + capsule) * out_dim + dim) * in_dim + feature
-    w_mask = (cap < out_caps) & (dim < out_dim) & (feature < in_dim)
-    weight = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(ACC)  # (J_PAD, D_PAD, DIN_PAD)
-    state_offsets = tl.reshape(cap * out_dim + dim, (1, J_PAD, D_PAD))
-    state_mask = tl.reshape((cap < out_caps) & (dim < out_dim), (1, J_PAD, D_PAD))
+    split = tl.program_id(1)
+    w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, J_PAD, D_PAD, DIN_PAD)
+    # (DIN_PAD, J_PAD * D_PAD), held in ACC only: a half copy beside it spilled (sm_90).
+    w_acc = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(ACC)
     caps_valid = (tl.arange(0, J_PAD) < out_caps)[None, :]
     jd = out_caps * out_dim
-    in_e = tl.arange(0, DIN_PAD)
-    grad_weight = tl.zeros((J_PAD, D_PAD, DIN_PAD), ACC)
-    for sample in range(batch):
-        row = tl.cast(sample, tl.int64)
-        u_row = tl.load(u_ptr + (row * in_caps + capsule) * in_dim + in_e, mask=in_e < in_dim,
-                        other=0.0).to(ACC)
-        u_hat = tl.reshape(tl.sum(weight * u_row[None, None, :], axis=2), (1, J_PAD, D_PAD))
-        grad_u_hat = tl.zeros((1, J_PAD, D_PAD), ACC)
+    feature = tl.arange(0, DIN_PAD)[None, :]
+    grad_weight = tl.zeros((DIN_PAD, J_PAD * D_PAD), ACC)
+    # The split's rows; the loop runs samples_per_split (an argument: a trip count computed here
+    # made ptxas save registers on the stack around the loop, sm_80), the last split's extra
+    # rows masked.
+    first_row = split * samples_per_split
+    last_row = tl.minimum(first_row + samples_per_split, batch)
+    grad_w_split = grad_w_ptr + split.to(tl.int64) * grad_w_split_stride
+    for offset in range(0, samples_per_split, BLOCK_B):
+        rows, state_offsets, state_mask = _state_tile(first_row + offset, last_row, out_caps, out_dim, BLOCK_B,
+                                                      J_PAD, D_PAD)
+        u_acc = _u_tile(u_ptr, rows, capsule, last_row, in_caps, in_dim, BLOCK_B, DIN_PAD).to(ACC)
+        u_hat = _predict_from_tiles(u_acc, w_acc, BLOCK_B, J_PAD, D_PAD, USE_DOT, ACC)
+        grad_u_hat = tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC)
         for t in range(first_differentiable, iterations):
-            offsets = (row * iterations + t) * jd + state_offsets
+            offsets = (rows * iterations + t) * jd + state_offsets
             v_sum = tl.load(v_sum_ptr + offsets, mask=state_mask, other=0.0)
             sigma = tl.load(sigma_ptr + offsets, mask=state_mask, other=0.0)
             c = _couplings(u_hat, v_sum, caps_valid)
@@ -276,12 +302,19 @@ def _routing_final_kernel(
                 gamma = tl.sum(sigma * u_hat, axis=2)
                 delta = c * (gamma - tl.sum(c * gamma, axis=1, keep_dims=True))
                 grad_u_hat += delta[:, :, None] * v_sum  # 0 at t = 1, where V_0 = 0
-        grad_flat = tl.reshape(grad_u_hat, (J_PAD, D_PAD))
-        grad_u_row = tl.sum(tl.sum(weight * grad_flat[:, :, None], axis=1), axis=0)
-        tl.store(grad_u_ptr + (row * in_caps + capsule) * in_dim + in_e,
-                 grad_u_row.to(grad_u_ptr.dtype.element_ty), mask=in_e < in_dim)
-        grad_weight += grad_flat[:, :, None] * u_row[None, None, :]
-    tl.store(grad_w_ptr + w_offsets, grad_weight.to(grad_w_ptr.dtype.element_ty), mask=w_mask)
+        grad_flat = tl.reshape(grad_u_hat, (BLOCK_B, J_PAD * D_PAD))
+        if USE_DOT:
+            grad_u_rows = tl.dot(grad_flat, tl.trans(w_acc), out_dtype=ACC, input_precision="ieee")
+            grad_weight += tl.dot(tl.trans(u_acc), grad_flat, out_dtype=ACC, input_precision="ieee")
+        else:
+            grad_u_rows = tl.sum(grad_flat[:, None, :] * w_acc[None, :, :], axis=2)
+            grad_weight += tl.sum(u_acc[:, :, None] * grad_flat[:, None, :], axis=0)
+        sample = tl.reshape(rows, (BLOCK_B, 1))
+        tl.store(grad_u_ptr + (sample * in_caps + capsule) * in_dim + feature,
+                 grad_u_rows.to(grad_u_ptr.dtype.element_ty), mask=(sample < last_row) & (feature < in_dim))
+    # The offsets again, not kept live across the loop (ptxas put them on the stack: sm_90).
+    w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, J_PAD, D_PAD, DIN_PAD)
+    tl.store(grad_w_split + w_offsets, grad_weight.to(grad_w_ptr.dtype.element_ty), mask=w_mask)
 
 
 # True when TRITON_INTERPRET=1 was set before triton decorated the kernels: they run on CPU.
