@@ -10,7 +10,8 @@ section 6's floor, which counts it once). Bytes count each tensor a launch reads
 once (a cold cache; W re-read by later sample blocks is assumed to hit L2, which holds it).
 The chunk counts and phase B's plan are the launcher's own (configs.capsule_chunks,
 configs.final_plan), for an H200's 132 multiprocessors. Serial steps: capsules per pass
-program, chunks per reduction program, sample blocks per final program.
+program, tiles of REDUCE_CHUNK_TILE chunks per reduction program, sample blocks per final
+program.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 
 import torch
 
-from fastcaps.kernels.triton.configs import REDUCE_CONFIG, capsule_chunks, final_plan, pass_config
+from fastcaps.kernels.triton.configs import REDUCE_CHUNK_TILE, REDUCE_CONFIG, capsule_chunks, final_plan, pass_config
 
 # NVIDIA H200 SXM datasheet: fp32 (non-tensor) FLOP/s and HBM3e bytes/s; 132 SMs.
 H200_FP32_FLOPS = 67e12
@@ -40,6 +41,7 @@ def launches(batch: int, iterations: int):
     plan = final_plan(batch, I, torch.float32, H200_SMS)
     pass_programs = -(-batch // block) * chunks
     reduce_programs = -(-batch // REDUCE_CONFIG.block_b)
+    reduce_steps = -(-chunks // REDUCE_CHUNK_TILE)
     final_steps = -(-min(batch, plan.samples_per_split) // plan.config.block_b)
     weight, inputs = J * I * D * DIN * FLOAT, batch * I * DIN * FLOAT
     state = batch * J * D * FLOAT
@@ -49,9 +51,9 @@ def launches(batch: int, iterations: int):
     final = batch * (3 * prediction + iterations * 4 * capsule_sum)  # u_hat, grad u, grad W
     return chunks, [
         ("forward pass", iterations, forward_pass, weight + inputs + state + partials, pass_programs, per_chunk),
-        ("forward reduce", iterations, batch * chunks * J * D, partials + 4 * state, reduce_programs, chunks),
+        ("forward reduce", iterations, batch * chunks * J * D, partials + 4 * state, reduce_programs, reduce_steps),
         ("backward prologue + reduce", iterations, batch * chunks * J * D, partials + 2 * iterations * state,
-         reduce_programs, chunks),
+         reduce_programs, reduce_steps),
         ("backward pass (phase A)", iterations - 1, backward_pass, weight + inputs + 2 * state + partials,
          pass_programs, per_chunk),
         ("final (phase B)", 1, final, 2 * weight + 2 * inputs + 2 * iterations * state, I * plan.splits, final_steps),

@@ -25,7 +25,9 @@ class PassConfig(NamedTuple):
 
 # Every configuration a pass can launch with; tests compile each ahead of time.
 PASS_CONFIGS = (PassConfig(1, 4), PassConfig(2, 4), PassConfig(4, 4), PassConfig(8, 4), PassConfig(16, 8))
-REDUCE_CONFIG = PassConfig(1, 2)
+REDUCE_CONFIG = PassConfig(1, 4)
+# Chunk partials a reduction program loads and sums at once (routing_jit._sum_partials).
+REDUCE_CHUNK_TILE = 16
 # Phase B's configurations: one sample at a time (below 16 samples; float64 on 8 warps), or
 # 16 per step on tl.dot. Warps chosen by the ahead-of-time compile (python -m
 # fastcaps.tools.aot): the fewest with no spill at the MNIST dimensions on sm_80 and sm_90
@@ -215,7 +217,8 @@ def reachable_final_configs(dtype: torch.dtype) -> List[PassConfig]:
 
 
 def _reduce_blocks(shape: RoutingShape) -> Dict[str, int]:
-    return dict(BLOCK_B=REDUCE_CONFIG.block_b, J_PAD=padded(shape.out_caps), D_PAD=padded(shape.out_dim))
+    return dict(BLOCK_B=REDUCE_CONFIG.block_b, J_PAD=padded(shape.out_caps), D_PAD=padded(shape.out_dim),
+                CHUNK_TILE=REDUCE_CHUNK_TILE)
 
 
 def reduce_grid(batch: int) -> Tuple[int]:

@@ -173,11 +173,20 @@ def _routing_pass_kernel(
 
 
 @triton.jit
-def _sum_partials(partial_ptr, rows, state_offsets, state_mask, chunks, jd, total):
-    """total + the chunks' partial sums, added in chunk order (deterministic)."""
-    for chunk in range(chunks):
-        total += tl.load(partial_ptr + (rows * chunks + chunk) * jd + state_offsets, mask=state_mask,
-                         other=0.0)
+def _sum_partials(partial_ptr, rows, state_offsets, state_mask, chunks, jd, total, CHUNK_TILE: tl.constexpr):
+    """total + the chunks' partial sums: CHUNK_TILE chunks loaded at once and summed by tl.sum,
+    the tiles added in chunk order (deterministic). One chunk per step made the reduction at
+    B = 1 a single program of 384 dependent steps (H100/H200: 384 chunks); in tiles of 16,
+    24."""
+    chunk_axis = tl.arange(0, CHUNK_TILE)[:, None, None, None]
+    tile_rows = tl.expand_dims(rows, 0)
+    tile_offsets = tl.expand_dims(state_offsets, 0)
+    tile_mask = tl.expand_dims(state_mask, 0)
+    for first in range(0, chunks, CHUNK_TILE):
+        chunk = first + chunk_axis
+        tile = tl.load(partial_ptr + (tile_rows * chunks + chunk) * jd + tile_offsets,
+                       mask=tile_mask & (chunk < chunks), other=0.0)
+        total += tl.sum(tile, axis=0)
     return total
 
 
@@ -190,6 +199,7 @@ def _forward_reduce_kernel(
     v_ptr,  # (B, J, D) output dtype: written on the last iteration
     batch, out_caps, out_dim, iterations, t, chunks, v_sum_rows,
     HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    CHUNK_TILE: tl.constexpr,
 ):
     """s_t = sum of the chunk partials (+ bias); v_t = squash(s_t); V_t = V_{t-1} + v_t."""
     ACC = s_ptr.dtype.element_ty
@@ -197,7 +207,7 @@ def _forward_reduce_kernel(
                                                   out_dim, BLOCK_B, J_PAD, D_PAD)
     jd = out_caps * out_dim
     s = _sum_partials(partial_ptr, rows, state_offsets, state_mask, chunks, jd,
-                      tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC))
+                      tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC), CHUNK_TILE)
     if HAS_BIAS:
         s += tl.load(bias_ptr + state_offsets, mask=state_mask, other=0.0).to(ACC)
     tl.store(s_ptr + (rows * iterations + t) * jd + state_offsets, s, mask=state_mask)
@@ -221,6 +231,7 @@ def _backward_reduce_kernel(
     sigma_ptr,  # (B, r, J, D): writes [:, t]
     batch, out_caps, out_dim, iterations, t, chunks,
     PROLOGUE: tl.constexpr, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    CHUNK_TILE: tl.constexpr,
 ):
     """G += sum of the partials; sigma_t = J(s_t) (G + dL/dv_r if t is the last iteration).
 
@@ -241,7 +252,7 @@ def _backward_reduce_kernel(
         carried = tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC)
     else:
         carried = tl.load(carried_ptr + rows * jd + state_offsets, mask=state_mask, other=0.0)
-        carried = _sum_partials(partial_ptr, rows, state_offsets, state_mask, chunks, jd, carried)
+        carried = _sum_partials(partial_ptr, rows, state_offsets, state_mask, chunks, jd, carried, CHUNK_TILE)
     tl.store(carried_ptr + rows * jd + state_offsets, carried, mask=state_mask)
     grad = carried
     if t == iterations - 1:
