@@ -14,7 +14,8 @@ other --device or --smoke are never mixed in):
   correctness  the Triton kernels against the float64 reference (fastcaps.tools.check), values
                and gradients, at the MNIST shape and two odd shapes (r = 1, 3; detach; bias),
                float32 and float64; float16 and bfloat16 (check.half_check); the same call
-               twice bitwise equal; torch.compile(fullgraph=True) of the layer against eager
+               twice bitwise equal; torch.compile(fullgraph=True) of the layer against eager;
+               and, apart, the errors with the passes' float32 u_hat on tensor cores (tf32x3)
   graph        forward+backward under torch.cuda.set_sync_debug_mode("error") (no host
                sync), then captured in a CUDA graph, replayed, and compared with eager
   time-...     per mode and batch (MNIST DigitCaps, r = 3, float32): the reference,
@@ -132,7 +133,31 @@ def correctness_group(args) -> dict:
                         for a, b in zip(from_compiled, first))
     passed = all(r["passed"] for r in rows) and repeatable and compile_error <= check.TOLERANCE[torch.float32]
     return {"passed": passed, "cases": rows, "bitwise_repeatable": repeatable, "repeat_shape": str(shape),
-            "compiled_vs_eager_error": compile_error, "compiled_bitwise": compile_error == 0.0}
+            "compiled_vs_eager_error": compile_error, "compiled_bitwise": compile_error == 0.0,
+            "tf32x3": _tf32x3_rows(args)}
+
+
+def _tf32x3_rows(args) -> List[dict]:
+    """The passes' float32 u_hat on tensor cores (FASTCAPS_TRITON_FLOAT32_DOT=tf32x3, off by
+    default): its errors against the float64 reference, to say whether it may be turned on.
+    Not part of "passed"."""
+    from fastcaps.kernels.triton import configs
+
+    shapes = [SMOKE_SHAPES[0].with_batch(17)] if args.smoke else [MNIST.with_batch(128), ODD_SHAPES[1]]
+    rows, before = [], os.environ.get(configs.FLOAT32_DOT_VARIABLE)
+    os.environ[configs.FLOAT32_DOT_VARIABLE] = "tf32x3"
+    try:
+        for index, shape in enumerate(shapes):
+            case = check.Case(shape, 3, False, True)
+            row = check.check_case("triton", case, torch.float32, 100 + index, device=args.device)
+            rows.append({"shape": str(shape), "options": case.options, "within_float32_tolerance": row.passed,
+                         "errors": check.format_row(row)[4:8]})
+    finally:
+        if before is None:
+            os.environ.pop(configs.FLOAT32_DOT_VARIABLE)
+        else:
+            os.environ[configs.FLOAT32_DOT_VARIABLE] = before
+    return rows
 
 
 def graph_group(args) -> dict:
@@ -223,6 +248,10 @@ def _text(groups: Dict[str, dict]) -> str:
             lines.append(format_table(table, ("shape", "options", "dtype", "errors (v, grad u, grad W, grad b, fd)", "")))
             lines.append(f"bitwise repeatable at {result['repeat_shape']}: {result['bitwise_repeatable']}; "
                          f"torch.compile vs eager: {result['compiled_vs_eager_error']:.1e}")
+            for row in result["tf32x3"]:
+                lines.append(f"tf32x3 (not the default) at {row['shape']} {row['options']}: "
+                             f"{'  '.join(row['errors'])} (v, grad u, grad W, grad b); within 1e-4: "
+                             f"{row['within_float32_tolerance']}")
         elif name.startswith("time-"):
             lines.append(report.table(result["records"]))
         elif name == "profile":

@@ -340,3 +340,25 @@ def test_the_launchers_call_nothing_that_syncs_with_the_device():
             v, s, kept = launchers.routing_forward(u, weight, bias, 3, detach)
             launchers.routing_backward(grad_v, u, weight, bias, s, kept, 3, detach)
     assert not calls, calls
+
+
+def test_float32_dot_precision_option(monkeypatch):
+    """FASTCAPS_TRITON_FLOAT32_DOT=tf32x3 puts the passes' float32 tl.dot on tensor cores
+    (phase B and half inputs stay IEEE); a bad value is refused by name. Under the interpreter
+    tl.dot is numpy's float32 product whatever the precision, so this checks the plumbing;
+    its error on a GPU is measured by benchmarks/gpu_session.py."""
+    from fastcaps.kernels.triton import configs
+
+    shape = RoutingShape(17, 9, 8, 10, 16)
+    config = configs.pass_config(shape.batch, torch.float32)
+    assert configs.pass_launch(config, torch.float32, shape, False).constexprs["DOT_PRECISION"] == "ieee"
+    monkeypatch.setenv(configs.FLOAT32_DOT_VARIABLE, "tf32x3")
+    assert configs.pass_launch(config, torch.float32, shape, False).constexprs["DOT_PRECISION"] == "tf32x3"
+    assert configs.pass_launch(config, torch.float16, shape, False).constexprs["DOT_PRECISION"] == "ieee"
+    final = configs.final_launch(shape, False, configs.final_config(shape.batch, torch.float32), torch.float32)
+    assert final.constexprs["DOT_PRECISION"] == "ieee"
+    row = check.check_case("triton", check.Case(shape, 3, False, True), torch.float32, seed=11, device=DEVICE)
+    assert row.passed, check.format_row(row)
+    monkeypatch.setenv(configs.FLOAT32_DOT_VARIABLE, "tf32")
+    with pytest.raises(ValueError, match="FASTCAPS_TRITON_FLOAT32_DOT='tf32': expected one of ieee, tf32x3"):
+        configs.pass_launch(config, torch.float32, shape, False)

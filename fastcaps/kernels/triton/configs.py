@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
+import os
+
 import torch
 import triton
 
@@ -145,6 +147,27 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 FINAL_OPTIONS = {"maxnreg": 255}
 
 
+# How a float32 u_hat is formed on tl.dot: "ieee" (the default: CUDA cores, float32 exactly)
+# or "tf32x3" (tensor cores, three TF32 products per product, close to float32: off until a
+# GPU has measured its error against the checks' 1e-4), in the routing passes. Read from the
+# environment at each launch; half inputs and phase B always take "ieee".
+FLOAT32_DOT_VARIABLE = "FASTCAPS_TRITON_FLOAT32_DOT"
+FLOAT32_DOT_PRECISIONS = ("ieee", "tf32x3")
+
+
+def float32_dot_precision() -> str:
+    value = os.environ.get(FLOAT32_DOT_VARIABLE, "") or "ieee"
+    if value not in FLOAT32_DOT_PRECISIONS:
+        raise ValueError(f"{FLOAT32_DOT_VARIABLE}={value!r}: expected one of {', '.join(FLOAT32_DOT_PRECISIONS)}")
+    return value
+
+
+def _dot_precision(dtype: torch.dtype, use_dot: bool, precision: Optional[str]) -> str:
+    if not use_dot or dtype != torch.float32:
+        return "ieee"
+    return precision or float32_dot_precision()
+
+
 class Launch(NamedTuple):
     name: str
     kernel: object  # a @triton.jit function of routing_jit
@@ -157,13 +180,15 @@ class Launch(NamedTuple):
         return {"num_warps": self.num_warps, **COMPILE_OPTIONS, **(self.options or {})}
 
 
-def pass_launch(config: PassConfig, dtype: torch.dtype, shape: RoutingShape, backward: bool) -> Launch:
-    """A routing pass (forward: sums c u_hat; backward, phase A: sums delta u_hat)."""
+def pass_launch(config: PassConfig, dtype: torch.dtype, shape: RoutingShape, backward: bool,
+                precision: Optional[str] = None) -> Launch:
+    """A routing pass (forward: sums c u_hat; backward, phase A: sums delta u_hat). precision:
+    the float32 tl.dot's (default: float32_dot_precision())."""
     use_dot = uses_dot(config, dtype, shape.out_caps, shape.out_dim)
     return Launch("routing_pass", jit._routing_pass_kernel,
                   dict(BACKWARD=backward, BLOCK_B=config.block_b, J_PAD=padded(shape.out_caps),
                        D_PAD=padded(shape.out_dim), DIN_PAD=padded(shape.in_dim, 16 if use_dot else 1),
-                       USE_DOT=use_dot), config.num_warps)
+                       USE_DOT=use_dot, DOT_PRECISION=_dot_precision(dtype, use_dot, precision)), config.num_warps)
 
 
 def forward_reduce_launch(shape: RoutingShape, has_bias: bool) -> Launch:
@@ -204,11 +229,13 @@ def final_plan(batch: int, in_caps: int, dtype: torch.dtype, processors: int) ->
 
 
 def final_launch(shape: RoutingShape, detach_routing: bool, config: PassConfig, dtype: torch.dtype) -> Launch:
+    """Phase B; its products stay in IEEE float32 whatever float32_dot_precision() says (its
+    tf32x3 program spilled 8-32 bytes and took 66 KB of shared memory, sm_80 and sm_90)."""
     use_dot = uses_dot(config, dtype, shape.out_caps, shape.out_dim)
     return Launch("routing_final", jit._routing_final_kernel,
                   dict(DETACH_ROUTING=detach_routing, BLOCK_B=config.block_b, J_PAD=padded(shape.out_caps),
                        D_PAD=padded(shape.out_dim), DIN_PAD=padded(shape.in_dim, 16 if use_dot else 1),
-                       USE_DOT=use_dot), config.num_warps, FINAL_OPTIONS)
+                       USE_DOT=use_dot, DOT_PRECISION="ieee"), config.num_warps, FINAL_OPTIONS)
 
 
 def reachable_final_configs(dtype: torch.dtype) -> List[PassConfig]:
@@ -227,13 +254,15 @@ def reduce_grid(batch: int) -> Tuple[int]:
 
 def launch_configurations(shape: RoutingShape) -> Iterator[Tuple[torch.dtype, Launch]]:
     """(input dtype, launch) for every launch the launchers can make at these capsule
-    dimensions (any batch, any number of input capsules; shape.batch is not read). The
-    backward reduction touches compute-dtype buffers only, so it is listed for float32 and
-    float64 alone."""
+    dimensions (any batch, any number of input capsules; shape.batch is not read), with
+    both float32 tl.dot precisions. The backward reduction touches compute-dtype buffers
+    only, so it is listed for float32 and float64 alone."""
     for dtype in DTYPES:
         for config in reachable_pass_configs(dtype):
             for backward in (False, True):
-                yield dtype, pass_launch(config, dtype, shape, backward)
+                yield dtype, pass_launch(config, dtype, shape, backward, "ieee")
+                if dtype == torch.float32 and uses_dot(config, dtype, shape.out_caps, shape.out_dim):
+                    yield dtype, pass_launch(config, dtype, shape, backward, "tf32x3")
         for has_bias in (False, True):
             yield dtype, forward_reduce_launch(shape, has_bias)
         for config in reachable_final_configs(dtype):

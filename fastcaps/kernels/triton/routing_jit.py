@@ -92,12 +92,13 @@ def _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, J_PAD: tl.const
 
 @triton.jit
 def _predict_from_tiles(u_tile, w_tile, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                        USE_DOT: tl.constexpr, ACC: tl.constexpr):
+                        USE_DOT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """u_hat = u_tile @ w_tile as (BLOCK_B, J_PAD, D_PAD) in ACC."""
     if USE_DOT:
-        # float32 in IEEE precision (TF32 would miss the 1e-4 the checks hold it to);
-        # half inputs go to the tensor cores as they are: their products are exact in float32.
-        flat = tl.dot(u_tile, w_tile, out_dtype=tl.float32, input_precision="ieee").to(ACC)
+        # float32 in IEEE precision by default (TF32 would miss the 1e-4 the checks hold it
+        # to), or "tf32x3" (configs.float32_dot_precision); half inputs go to the tensor cores
+        # as they are: their products are exact in float32.
+        flat = tl.dot(u_tile, w_tile, out_dtype=tl.float32, input_precision=DOT_PRECISION).to(ACC)
     else:
         flat = tl.sum(u_tile.to(ACC)[:, :, None] * w_tile.to(ACC)[None, :, :], axis=1)
     return tl.reshape(flat, (BLOCK_B, J_PAD, D_PAD))
@@ -106,14 +107,14 @@ def _predict_from_tiles(u_tile, w_tile, BLOCK_B: tl.constexpr, J_PAD: tl.constex
 @triton.jit
 def _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
              BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
-             DIN_PAD: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr):
+             DIN_PAD: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """u_hat[b, j, d] = sum_e W[j, capsule, d, e] u[b, capsule, e] for a block of samples,
     as (BLOCK_B, J_PAD, D_PAD) in ACC; zero in padded rows, capsules and dims."""
     capsule = tl.cast(capsule, tl.int64)
     u_tile = _u_tile(u_ptr, rows, capsule, batch, in_caps, in_dim, BLOCK_B, DIN_PAD)
     w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, J_PAD, D_PAD, DIN_PAD)
     w_tile = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
-    return _predict_from_tiles(u_tile, w_tile, BLOCK_B, J_PAD, D_PAD, USE_DOT, ACC)
+    return _predict_from_tiles(u_tile, w_tile, BLOCK_B, J_PAD, D_PAD, USE_DOT, ACC, DOT_PRECISION)
 
 
 @triton.jit
@@ -141,7 +142,7 @@ def _routing_pass_kernel(
     v_sum_stride, sigma_stride, v_sum_rows, caps_per_chunk, chunks,
     BACKWARD: tl.constexpr,  # False: sums c * u_hat (s_t); True: delta * u_hat (dL/dV_{t-1})
     BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr, DIN_PAD: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One routing pass over a chunk of input capsules for a block of samples."""
     ACC = partial_ptr.dtype.element_ty
@@ -160,7 +161,7 @@ def _routing_pass_kernel(
     last = tl.minimum(first + caps_per_chunk, in_caps)
     for capsule in range(first, last):
         u_hat = _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
-                         BLOCK_B, J_PAD, D_PAD, DIN_PAD, USE_DOT, ACC)
+                         BLOCK_B, J_PAD, D_PAD, DIN_PAD, USE_DOT, ACC, DOT_PRECISION)
         c = _couplings(u_hat, v_sum, caps_valid)
         if BACKWARD:
             gamma = tl.sum(sigma * u_hat, axis=2)  # dL/dc
@@ -273,7 +274,7 @@ def _routing_final_kernel(
     batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first_capsule,
     samples_per_split, grad_w_split_stride,
     DETACH_ROUTING: tl.constexpr, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    DIN_PAD: tl.constexpr, USE_DOT: tl.constexpr,
+    DIN_PAD: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Phase B for one input capsule i (first_capsule + program id 0) and one split of the
     batch (program id 1), BLOCK_B samples at a time, blocks in batch order:
@@ -301,7 +302,7 @@ def _routing_final_kernel(
         rows, state_offsets, state_mask = _state_tile(first_row + offset, last_row, out_caps, out_dim, BLOCK_B,
                                                       J_PAD, D_PAD)
         u_acc = _u_tile(u_ptr, rows, capsule, last_row, in_caps, in_dim, BLOCK_B, DIN_PAD).to(ACC)
-        u_hat = _predict_from_tiles(u_acc, w_acc, BLOCK_B, J_PAD, D_PAD, USE_DOT, ACC)
+        u_hat = _predict_from_tiles(u_acc, w_acc, BLOCK_B, J_PAD, D_PAD, USE_DOT, ACC, DOT_PRECISION)
         grad_u_hat = tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC)
         for t in range(first_differentiable, iterations):
             offsets = (rows * iterations + t) * jd + state_offsets
