@@ -27,16 +27,18 @@ class PassConfig(NamedTuple):
 
 # Every configuration a pass can launch with; tests compile each ahead of time.
 PASS_CONFIGS = (PassConfig(1, 4), PassConfig(2, 4), PassConfig(4, 4), PassConfig(8, 4), PassConfig(16, 8))
-REDUCE_CONFIG = PassConfig(1, 4)
+# 8 warps: with 4, the float64 reductions' tiles of 16 chunks spilled 8-16 bytes (Triton 3.6).
+REDUCE_CONFIG = PassConfig(1, 8)
 # Chunk partials a reduction program loads and sums at once (routing_jit._sum_partials).
 REDUCE_CHUNK_TILE = 16
 # Phase B's configurations: one sample at a time (below 16 samples; float64 on 8 warps), or
-# 16 per step on tl.dot. Warps chosen by the ahead-of-time compile (python -m
-# fastcaps.tools.aot): the fewest with no spill at the MNIST dimensions on sm_80 and sm_90
-# (8 warps for one float32 sample put 16 bytes on the stack on sm_80, 4 for float64 8). The
-# batch is split into at most MAX_FINAL_SPLITS parts when the input capsules alone give too
-# few programs.
-FINAL_CONFIGS = (PassConfig(1, 4), PassConfig(1, 8), PassConfig(16, 8))
+# 16 per step on tl.dot (16 warps). Warps chosen by the ahead-of-time compile (python -m
+# fastcaps.tools.aot) on Triton 3.9 and 3.6: the fewest with no spill at the MNIST dimensions
+# and (3, 5, 3), (1, 1, 1) on sm_80 and sm_90 (8 warps for one float32 sample put 16 bytes on
+# the stack on sm_80, 4 for float64 8; 8 warps for the tl.dot step reached 255 registers and
+# spilled 8 bytes on sm_80 with Triton 3.6). The batch is split into at most MAX_FINAL_SPLITS
+# parts when the input capsules alone give too few programs.
+FINAL_CONFIGS = (PassConfig(1, 4), PassConfig(1, 8), PassConfig(16, 16))
 MAX_FINAL_SPLITS = 16
 # Passes aim at this many programs per streaming multiprocessor, so a wave fills the GPU.
 _PROGRAMS_PER_SM = 4
