@@ -9,9 +9,8 @@ the ahead-of-time compile (``python -m fastcaps.tools.aot``) compiles exactly th
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
-
 import os
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -61,11 +60,17 @@ def pass_config(batch: int, dtype: torch.dtype) -> PassConfig:
     return PASS_CONFIGS[0]
 
 
+def _reachable(choose: Callable[[int, torch.dtype], PassConfig], candidates: Sequence[PassConfig],
+               dtype: torch.dtype) -> List[PassConfig]:
+    """The candidates that ``choose(batch, dtype)`` picks for some batch, in their order."""
+    largest = max(config.block_b for config in candidates)
+    reachable = {choose(batch, dtype) for batch in range(1, 2 * largest + 1)}
+    return [config for config in candidates if config in reachable]
+
+
 def reachable_pass_configs(dtype: torch.dtype) -> List[PassConfig]:
     """The pass configurations some batch takes in ``dtype`` (float64: one)."""
-    largest = max(config.block_b for config in PASS_CONFIGS)
-    reachable = {pass_config(batch, dtype) for batch in range(1, 2 * largest + 1)}
-    return [config for config in PASS_CONFIGS if config in reachable]
+    return _reachable(pass_config, PASS_CONFIGS, dtype)
 
 
 def capsule_chunks(batch: int, in_caps: int, block_b: int, processors: int) -> Tuple[int, int]:
@@ -241,8 +246,8 @@ def final_launch(shape: RoutingShape, detach_routing: bool, config: PassConfig, 
 
 
 def reachable_final_configs(dtype: torch.dtype) -> List[PassConfig]:
-    reachable = {final_config(batch, dtype) for batch in range(1, 2 * FINAL_CONFIGS[-1].block_b + 1)}
-    return [config for config in FINAL_CONFIGS if config in reachable]
+    """Phase B's configurations some batch takes in ``dtype``."""
+    return _reachable(final_config, FINAL_CONFIGS, dtype)
 
 
 def _reduce_blocks(shape: RoutingShape) -> Dict[str, int]:

@@ -281,7 +281,7 @@ def _routing_final_kernel(
     u_hat = U W_i, g[j] = sum_t c_t[j] sigma_t[j] + delta_t[j] V_{t-1}[j] per sample, then
     grad u[rows, i] = g W_i^T and grad W[:, i] += U^T g, the three products on tl.dot from 16
     samples up. The program owns its split's grad W[:, i]: no atomics, the batch sum in
-    batch order; the splits' partials are added in split order by the launcher."""
+    batch order; the launcher adds the splits' partials (torch.sum)."""
     ACC = v_sum_ptr.dtype.element_ty
     capsule = tl.program_id(0).to(tl.int64) + first_capsule
     split = tl.program_id(1)
