@@ -10,7 +10,7 @@ section 6's floor, which counts it once). Bytes count each tensor a launch reads
 once (a cold cache; W re-read by later sample blocks is assumed to hit L2, which holds it).
 The chunk counts and phase B's plan are the launcher's own (configs.capsule_chunks,
 configs.final_plan), for an H200's 132 multiprocessors. Serial steps: capsules per pass
-program, tiles of REDUCE_CHUNK_TILE chunks per reduction program, sample blocks per final
+program, tiles of configs.reduce_chunk_tile chunks per reduction program, sample blocks per final
 program.
 """
 
@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-from fastcaps.kernels.triton.configs import REDUCE_CHUNK_TILE, REDUCE_CONFIG, capsule_chunks, final_plan, pass_config
+from fastcaps.cases import RoutingShape
+from fastcaps.kernels.triton.configs import REDUCE_CONFIG, capsule_chunks, final_plan, pass_config, reduce_chunk_tile
 
 # NVIDIA H200 SXM datasheet: fp32 (non-tensor) FLOP/s and HBM3e bytes/s; 132 SMs.
 H200_FP32_FLOPS = 67e12
@@ -36,12 +37,13 @@ def launches(batch: int, iterations: int):
     serial steps per program) for one forward+backward, fp32."""
     prediction = 2 * I * J * D * DIN  # u_hat for one sample
     capsule_sum = 2 * I * J * D  # one u_hat . x or c * u_hat over all capsules
-    block = pass_config(batch, torch.float32).block_b
+    shape = RoutingShape(batch, I, DIN, J, D)
+    block = pass_config(batch, torch.float32, shape).block_b
     per_chunk, chunks = capsule_chunks(batch, I, block, H200_SMS)
-    plan = final_plan(batch, I, torch.float32, H200_SMS)
+    plan = final_plan(shape, torch.float32, H200_SMS)
     pass_programs = -(-batch // block) * chunks
     reduce_programs = -(-batch // REDUCE_CONFIG.block_b)
-    reduce_steps = -(-chunks // REDUCE_CHUNK_TILE)
+    reduce_steps = -(-chunks // reduce_chunk_tile(shape, torch.float32))
     final_steps = -(-min(batch, plan.samples_per_split) // plan.config.block_b)
     weight, inputs = J * I * D * DIN * FLOAT, batch * I * DIN * FLOAT
     state = batch * J * D * FLOAT

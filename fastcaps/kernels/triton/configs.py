@@ -10,7 +10,7 @@ the ahead-of-time compile (``python -m fastcaps.tools.aot``) compiles exactly th
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -24,20 +24,20 @@ class PassConfig(NamedTuple):
     num_warps: int
 
 
-# Every configuration a pass can launch with; tests compile each ahead of time.
-PASS_CONFIGS = (PassConfig(1, 4), PassConfig(2, 4), PassConfig(4, 4), PassConfig(8, 4), PassConfig(16, 8))
+# The sample blocks a pass can take (16: tl.dot's smallest tile); each shape takes those whose
+# tiles fit in registers (pass_configs).
+PASS_BLOCKS = (1, 2, 4, 8, 16)
 # 8 warps: with 4, the float64 reductions' tiles of 16 chunks spilled 8-16 bytes (Triton 3.6).
 REDUCE_CONFIG = PassConfig(1, 8)
-# Chunk partials a reduction program loads and sums at once (routing_jit._sum_partials).
+# Chunk partials a reduction program loads and sums at once (routing_jit._sum_partials): 16,
+# or fewer where 16 chunks of J x D would pass REDUCE_TILE_VALUES (reduce_chunk_tile): at
+# (32, 32, 16) the float64 reductions' 16 chunks spilled 24-128 bytes (Triton 3.6).
 REDUCE_CHUNK_TILE = 16
-# Phase B's configurations: one sample at a time (below 16 samples; float64 on 8 warps), or
-# 16 per step on tl.dot (16 warps). Warps chosen by the ahead-of-time compile (python -m
-# fastcaps.tools.aot) on Triton 3.9 and 3.6: the fewest with no spill at the MNIST dimensions
-# and (3, 5, 3), (1, 1, 1) on sm_80 and sm_90 (8 warps for one float32 sample put 16 bytes on
-# the stack on sm_80, 4 for float64 8; 8 warps for the tl.dot step reached 255 registers and
-# spilled 8 bytes on sm_80 with Triton 3.6). The batch is split into at most MAX_FINAL_SPLITS
-# parts when the input capsules alone give too few programs.
-FINAL_CONFIGS = (PassConfig(1, 4), PassConfig(1, 8), PassConfig(16, 16))
+REDUCE_TILE_VALUES = 8192
+# Phase B's sample blocks: one sample at a time, or 16 per step (on tl.dot where the tiles
+# allow). The batch is split into at most MAX_FINAL_SPLITS parts when the input capsules alone
+# give too few programs.
+FINAL_BLOCKS = (1, 16)
 MAX_FINAL_SPLITS = 16
 # Passes aim at this many programs per streaming multiprocessor, so a wave fills the GPU.
 _PROGRAMS_PER_SM = 4
@@ -48,29 +48,83 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INPUT_DTYPE_POINTERS = frozenset({"u_ptr", "w_ptr", "bias_ptr", "v_ptr", "grad_u_ptr", "grad_w_ptr"})
 
 
-def pass_config(batch: int, dtype: torch.dtype) -> PassConfig:
-    """The largest sample block that the batch fills (16 needs 16 samples: tl.dot's minimum).
-    float64 takes one sample per program: larger blocks spill registers at the MNIST shape
-    (python -m fastcaps.tools.aot)."""
-    if dtype == torch.float64:
-        return PASS_CONFIGS[0]
-    for config in reversed(PASS_CONFIGS):
-        if batch >= config.block_b:
-            return config
-    return PASS_CONFIGS[0]
+# Register budget. A block has 65,536 registers whatever its warps (CUDA's limit per block:
+# 255 per thread on 8 warps, 128 on 16), so more warps add no room, and a program on 16 warps
+# that ptxas let take more than 128 registers cannot launch at all (fastcaps.tools.aot checks
+# it). A configuration is sized by the 4-byte values its tiles hold in registers (a float64
+# counts two): per sample the routing state (u_hat, V, and the pass's sum; phase B also sigma
+# and g: 3 and 4 tiles of J x D), and the W tiles (a pass: one tile of W[:, i]; phase B: W[:, i]
+# and its grad W, or their Din tiles). It takes 4 warps up to 8,192 values, 8 up to 24,576,
+# and does not fit beyond; 8 warps also once a J*D row passes 512 columns (more than 4 per
+# thread on 4 warps). Calibrated with the ahead-of-time compile at the MNIST dimensions,
+# (32, 32, 16), (3, 5, 3) and (1, 1, 1) on sm_80 and sm_90: the MNIST 8-sample pass (8,192
+# values) compiled without spills on 4 warps and phase B's 16-sample tl.dot step (24,576) on
+# 8; at (32, 32, 16) one sample on 4 warps spilled 24-56 bytes, on 8 none.
+WARPS_BY_VALUES = ((8192, 4), (24576, 8))
+FOUR_WARP_COLUMNS = 512
+# The largest W tile (input features x J*D) held whole, in values. Larger capsules take W in
+# tiles of fewer input features (din_tile) of at most half this, the tiles' parts of u_hat
+# added in order: at (32, 32, 16) tiles of 4 features (4,096 values) still spilled 8 bytes in
+# float64 on sm_80 (tile loop unrolled then), of 2 none. tl.dot takes W[:, i] whole (its K is
+# 16 or more).
+W_TILE_VALUES = 4096
+PASS_STATE_TILES = 3
+FINAL_STATE_TILES = 4
 
 
-def _reachable(choose: Callable[[int, torch.dtype], PassConfig], candidates: Sequence[PassConfig],
-               dtype: torch.dtype) -> List[PassConfig]:
-    """The candidates that ``choose(batch, dtype)`` picks for some batch, in their order."""
-    largest = max(config.block_b for config in candidates)
-    reachable = {choose(batch, dtype) for batch in range(1, 2 * largest + 1)}
-    return [config for config in candidates if config in reachable]
+def _value_scale(dtype: torch.dtype) -> int:
+    return 2 if dtype == torch.float64 else 1
 
 
-def reachable_pass_configs(dtype: torch.dtype) -> List[PassConfig]:
-    """The pass configurations some batch takes in ``dtype`` (float64: one)."""
-    return _reachable(pass_config, PASS_CONFIGS, dtype)
+def _tile_columns(shape: RoutingShape) -> int:
+    return padded(shape.out_caps) * padded(shape.out_dim)
+
+
+def din_tile(shape: RoutingShape, dtype: torch.dtype, use_dot: bool) -> int:
+    """Input features per W tile: all of them (padded) when W[:, i] fits in W_TILE_VALUES or the
+    product is tl.dot's, else the largest power of two within half of it (at least 1)."""
+    features = padded(shape.in_dim, 16 if use_dot else 1)
+    per_feature = _tile_columns(shape) * _value_scale(dtype)
+    if use_dot or features * per_feature <= W_TILE_VALUES:
+        return features
+    tile = features
+    while tile > 1 and tile * per_feature > W_TILE_VALUES // 2:
+        tile //= 2
+    return tile
+
+
+def _warps_for(values: int, shape: RoutingShape) -> Optional[int]:
+    for limit, warps in WARPS_BY_VALUES:
+        if values <= limit and (warps > 4 or _tile_columns(shape) <= FOUR_WARP_COLUMNS):
+            return warps
+    return None
+
+
+def _pass_fit(block_b: int, shape: RoutingShape, dtype: torch.dtype) -> Optional[PassConfig]:
+    """The block's configuration, or None when its tiles do not fit."""
+    columns = _tile_columns(shape)
+    tile = din_tile(shape, dtype, uses_dot(block_b, dtype, shape.out_caps, shape.out_dim))
+    warps = _warps_for(_value_scale(dtype) * (PASS_STATE_TILES * block_b * columns + tile * columns), shape)
+    return None if warps is None else PassConfig(block_b, warps)
+
+
+def _fallback() -> PassConfig:
+    # Capsules too large for any block: one sample on 8 warps, and ptxas spills (slow, not wrong).
+    return PassConfig(1, WARPS_BY_VALUES[-1][1])
+
+
+def pass_configs(shape: RoutingShape, dtype: torch.dtype) -> List[PassConfig]:
+    """The pass configurations that fit at these capsule dimensions, smallest block first.
+    float64 takes one sample per program: larger blocks spilled at the MNIST shape."""
+    blocks = PASS_BLOCKS[:1] if dtype == torch.float64 else PASS_BLOCKS
+    fitting = [config for config in (_pass_fit(block, shape, dtype) for block in blocks) if config]
+    return fitting or [_fallback()]
+
+
+def pass_config(batch: int, dtype: torch.dtype, shape: RoutingShape) -> PassConfig:
+    """The largest fitting sample block that the batch fills (16 needs 16 samples)."""
+    configs = pass_configs(shape, dtype)
+    return next((config for config in reversed(configs) if batch >= config.block_b), configs[0])
 
 
 def capsule_chunks(batch: int, in_caps: int, block_b: int, processors: int) -> Tuple[int, int]:
@@ -116,11 +170,11 @@ class PassPlan(NamedTuple):
         return triton.cdiv(rows, self.config.block_b), self.chunks
 
 
-def pass_plan(batch: int, in_caps: int, dtype: torch.dtype, processors: int) -> PassPlan:
-    """The passes' configuration and capsule chunks, chosen from the whole batch: a batch split
-    over several launches uses the same ones, so each sample gets the same bits."""
-    config = pass_config(batch, dtype)
-    per_chunk, chunks = capsule_chunks(batch, in_caps, config.block_b, processors)
+def pass_plan(shape: RoutingShape, dtype: torch.dtype, processors: int) -> PassPlan:
+    """The passes' configuration and capsule chunks, chosen from the whole batch (shape.batch): a
+    batch split over several launches uses the same ones, so each sample gets the same bits."""
+    config = pass_config(shape.batch, dtype, shape)
+    per_chunk, chunks = capsule_chunks(shape.batch, shape.in_caps, config.block_b, processors)
     return PassPlan(config, chunks, per_chunk)
 
 
@@ -135,23 +189,23 @@ def padded(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-def uses_dot(config: PassConfig, dtype: torch.dtype, out_caps: int, out_dim: int) -> bool:
+def uses_dot(block_b: int, dtype: torch.dtype, out_caps: int, out_dim: int) -> bool:
     # tl.dot takes blocks of at least 16 in every dimension (Din is padded up to 16);
     # float64 stays on the multiply-add path.
     columns = padded(out_caps) * padded(out_dim)
-    return config.block_b >= 16 and columns >= 16 and dtype != torch.float64
+    return block_b >= 16 and columns >= 16 and dtype != torch.float64
 
 
 # Compile options of every launch, the same in the launchers and the ahead-of-time compile
 # (tools/aot.py), so that the report describes the programs that run. FP fusion (a * b + c as
 # one FMA) is set, not left to Triton's default, which Triton has said it may change.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
-# Phase B's kernel also says the architecture's register limit: without it ptxas held some
-# of its programs to 64 or 96 registers and put 8-24 bytes on the stack ((J, D, Din) =
-# (3, 5, 3), tl.dot, sm_80 and sm_90: python -m fastcaps.tools.aot). Not set for the other
-# kernels, where it raised the registers of the passes (92 to 124 for one sample) and fixed
-# nothing.
-FINAL_OPTIONS = {"maxnreg": 255}
+# The passes and phase B also say the architecture's register limit: without it ptxas held
+# some programs to 64, 96 or 128 registers and put 8-32 bytes on the stack (phase B at
+# (J, D, Din) = (3, 5, 3), tl.dot; the 2-sample float16 pass at (32, 32, 16), sm_80: python -m
+# fastcaps.tools.aot). On 4 and 8 warps 255 registers a thread always launch (255 x 256 <
+# 65,536); no configuration takes more warps. Not set for the reductions, which need few.
+REGISTER_OPTIONS = {"maxnreg": 255}
 
 
 # How a float32 u_hat is formed on tl.dot: "ieee" (the default: CUDA cores, float32 exactly)
@@ -191,68 +245,110 @@ def pass_launch(config: PassConfig, dtype: torch.dtype, shape: RoutingShape, bac
                 precision: Optional[str] = None) -> Launch:
     """A routing pass (forward: sums c u_hat; backward, phase A: sums delta u_hat). precision:
     the float32 tl.dot's (default: float32_dot_precision())."""
-    use_dot = uses_dot(config, dtype, shape.out_caps, shape.out_dim)
+    use_dot = uses_dot(config.block_b, dtype, shape.out_caps, shape.out_dim)
     return Launch("routing_pass", jit._routing_pass_kernel,
                   dict(BACKWARD=backward, BLOCK_B=config.block_b, J_PAD=padded(shape.out_caps),
                        D_PAD=padded(shape.out_dim), DIN_PAD=padded(shape.in_dim, 16 if use_dot else 1),
-                       USE_DOT=use_dot, DOT_PRECISION=_dot_precision(dtype, use_dot, precision)), config.num_warps)
+                       DIN_TILE=din_tile(shape, dtype, use_dot), USE_DOT=use_dot,
+                       DOT_PRECISION=_dot_precision(dtype, use_dot, precision)), config.num_warps,
+                  REGISTER_OPTIONS)
 
 
-def forward_reduce_launch(shape: RoutingShape, has_bias: bool) -> Launch:
+def forward_reduce_launch(shape: RoutingShape, has_bias: bool, dtype: torch.dtype) -> Launch:
     return Launch("forward_reduce", jit._forward_reduce_kernel,
-                  dict(HAS_BIAS=has_bias, **_reduce_blocks(shape)), REDUCE_CONFIG.num_warps)
+                  dict(HAS_BIAS=has_bias, **_reduce_blocks(shape, dtype)), REDUCE_CONFIG.num_warps)
 
 
-def backward_reduce_launch(shape: RoutingShape, prologue: bool) -> Launch:
+def backward_reduce_launch(shape: RoutingShape, prologue: bool, dtype: torch.dtype) -> Launch:
     return Launch("backward_reduce", jit._backward_reduce_kernel,
-                  dict(PROLOGUE=prologue, **_reduce_blocks(shape)), REDUCE_CONFIG.num_warps)
+                  dict(PROLOGUE=prologue, **_reduce_blocks(shape, dtype)), REDUCE_CONFIG.num_warps)
 
 
-def final_config(batch: int, dtype: torch.dtype) -> PassConfig:
-    """16 samples per step, the three products of phase B on tl.dot, once the batch has 16
-    (tl.dot's smallest tile; not float64); else one sample at a time."""
-    if dtype == torch.float64:
-        return FINAL_CONFIGS[1]
-    return FINAL_CONFIGS[2] if batch >= FINAL_CONFIGS[2].block_b else FINAL_CONFIGS[0]
+def reduce_chunk_tile(shape: RoutingShape, dtype: torch.dtype) -> int:
+    """Chunks per reduction step: REDUCE_CHUNK_TILE, halved while the tile of J x D partials
+    passes REDUCE_TILE_VALUES (at least 1)."""
+    tile = REDUCE_CHUNK_TILE
+    while tile > 1 and tile * _tile_columns(shape) * _value_scale(dtype) > REDUCE_TILE_VALUES:
+        tile //= 2
+    return tile
+
+
+def w_resident(shape: RoutingShape, dtype: torch.dtype, block_b: int) -> bool:
+    """Whether phase B holds W[:, i] and its grad W in registers across its batch loop (else it
+    streams both in Din tiles, routing_jit._routing_final_kernel)."""
+    use_dot = uses_dot(block_b, dtype, shape.out_caps, shape.out_dim)
+    return din_tile(shape, dtype, use_dot) == padded(shape.in_dim, 16 if use_dot else 1) and \
+        _final_warps(shape, dtype, block_b, resident=True) is not None
+
+
+def _final_warps(shape: RoutingShape, dtype: torch.dtype, block_b: int, resident: bool) -> Optional[int]:
+    columns = _tile_columns(shape)
+    use_dot = uses_dot(block_b, dtype, shape.out_caps, shape.out_dim)
+    features = padded(shape.in_dim, 16 if use_dot else 1) if resident else din_tile(shape, dtype, use_dot)
+    return _warps_for(_value_scale(dtype) * (FINAL_STATE_TILES * block_b * columns + 2 * features * columns),
+                      shape)
+
+
+def _final_fit(block_b: int, shape: RoutingShape, dtype: torch.dtype) -> Optional[PassConfig]:
+    resident = w_resident(shape, dtype, block_b)
+    if not resident and uses_dot(block_b, dtype, shape.out_caps, shape.out_dim):
+        return None  # phase B streams W for the multiply-add path only
+    warps = _final_warps(shape, dtype, block_b, resident)
+    return None if warps is None else PassConfig(block_b, warps)
+
+
+def final_configs(shape: RoutingShape, dtype: torch.dtype) -> List[PassConfig]:
+    """Phase B's configurations that fit at these capsule dimensions, smallest block first
+    (float64: one sample at a time)."""
+    blocks = FINAL_BLOCKS[:1] if dtype == torch.float64 else FINAL_BLOCKS
+    fitting = [config for config in (_final_fit(block, shape, dtype) for block in blocks) if config]
+    return fitting or [_fallback()]
+
+
+def final_config(batch: int, dtype: torch.dtype, shape: RoutingShape) -> PassConfig:
+    """16 samples per step (the three products on tl.dot where they are 16 wide or more) once
+    the batch has 16 and the tiles fit; else one sample at a time."""
+    configs = final_configs(shape, dtype)
+    return next((config for config in reversed(configs) if batch >= config.block_b), configs[0])
 
 
 class FinalPlan(NamedTuple):
     config: PassConfig
     splits: int  # parts of the batch, each a program per input capsule (grid axis 1)
     samples_per_split: int  # a multiple of config.block_b
+    w_resident: bool  # W and grad W in registers; else streamed, grad W summed in an acc buffer
 
 
-def final_plan(batch: int, in_caps: int, dtype: torch.dtype, processors: int) -> FinalPlan:
-    """Phase B's configuration, and the batch split into whole blocks of samples when the
-    input capsules alone give fewer than _PROGRAMS_PER_SM programs per multiprocessor (each
-    split's grad W is then a partial, added by the launcher): at most MAX_FINAL_SPLITS, and
-    never more than there are blocks."""
-    config = final_config(batch, dtype)
-    blocks = max(1, triton.cdiv(batch, config.block_b))
-    wanted = triton.cdiv(processors * _PROGRAMS_PER_SM, max(in_caps, 1))
+def final_plan(shape: RoutingShape, dtype: torch.dtype, processors: int) -> FinalPlan:
+    """Phase B's configuration, and the batch (shape.batch) split into whole blocks of samples
+    when the input capsules alone give fewer than _PROGRAMS_PER_SM programs per multiprocessor
+    (each split's grad W is then a partial, added by the launcher): at most MAX_FINAL_SPLITS,
+    and never more than there are blocks."""
+    config = final_config(shape.batch, dtype, shape)
+    blocks = max(1, triton.cdiv(shape.batch, config.block_b))
+    wanted = triton.cdiv(processors * _PROGRAMS_PER_SM, max(shape.in_caps, 1))
     splits = max(1, min(blocks, wanted, MAX_FINAL_SPLITS))
     per_split = triton.cdiv(blocks, splits) * config.block_b
-    return FinalPlan(config, max(1, triton.cdiv(batch, per_split)), per_split)
+    return FinalPlan(config, max(1, triton.cdiv(shape.batch, per_split)), per_split,
+                     w_resident(shape, dtype, config.block_b))
 
 
 def final_launch(shape: RoutingShape, detach_routing: bool, config: PassConfig, dtype: torch.dtype) -> Launch:
     """Phase B; its products stay in IEEE float32 whatever float32_dot_precision() says (its
-    tf32x3 program spilled 8-32 bytes and took 66 KB of shared memory, sm_80 and sm_90)."""
-    use_dot = uses_dot(config, dtype, shape.out_caps, shape.out_dim)
+    tf32x3 program spilled 8-32 bytes and took 66 KB of shared memory, sm_80 and sm_90).
+    DIN_TILE == DIN_PAD when W is resident (w_resident)."""
+    use_dot = uses_dot(config.block_b, dtype, shape.out_caps, shape.out_dim)
+    features = padded(shape.in_dim, 16 if use_dot else 1)
+    tile = features if w_resident(shape, dtype, config.block_b) else din_tile(shape, dtype, use_dot)
     return Launch("routing_final", jit._routing_final_kernel,
                   dict(DETACH_ROUTING=detach_routing, BLOCK_B=config.block_b, J_PAD=padded(shape.out_caps),
-                       D_PAD=padded(shape.out_dim), DIN_PAD=padded(shape.in_dim, 16 if use_dot else 1),
-                       USE_DOT=use_dot, DOT_PRECISION="ieee"), config.num_warps, FINAL_OPTIONS)
+                       D_PAD=padded(shape.out_dim), DIN_PAD=features, DIN_TILE=tile,
+                       USE_DOT=use_dot, DOT_PRECISION="ieee"), config.num_warps, REGISTER_OPTIONS)
 
 
-def reachable_final_configs(dtype: torch.dtype) -> List[PassConfig]:
-    """Phase B's configurations some batch takes in ``dtype``."""
-    return _reachable(final_config, FINAL_CONFIGS, dtype)
-
-
-def _reduce_blocks(shape: RoutingShape) -> Dict[str, int]:
+def _reduce_blocks(shape: RoutingShape, dtype: torch.dtype) -> Dict[str, int]:
     return dict(BLOCK_B=REDUCE_CONFIG.block_b, J_PAD=padded(shape.out_caps), D_PAD=padded(shape.out_dim),
-                CHUNK_TILE=REDUCE_CHUNK_TILE)
+                CHUNK_TILE=reduce_chunk_tile(shape, dtype))
 
 
 def reduce_grid(batch: int) -> Tuple[int]:
@@ -265,16 +361,16 @@ def launch_configurations(shape: RoutingShape) -> Iterator[Tuple[torch.dtype, La
     both float32 tl.dot precisions. The backward reduction touches compute-dtype buffers
     only, so it is listed for float32 and float64 alone."""
     for dtype in DTYPES:
-        for config in reachable_pass_configs(dtype):
+        for config in pass_configs(shape, dtype):
             for backward in (False, True):
                 yield dtype, pass_launch(config, dtype, shape, backward, "ieee")
-                if dtype == torch.float32 and uses_dot(config, dtype, shape.out_caps, shape.out_dim):
+                if dtype == torch.float32 and uses_dot(config.block_b, dtype, shape.out_caps, shape.out_dim):
                     yield dtype, pass_launch(config, dtype, shape, backward, "tf32x3")
         for has_bias in (False, True):
-            yield dtype, forward_reduce_launch(shape, has_bias)
-        for config in reachable_final_configs(dtype):
+            yield dtype, forward_reduce_launch(shape, has_bias, dtype)
+        for config in final_configs(shape, dtype):
             for detach_routing in (False, True):
                 yield dtype, final_launch(shape, detach_routing, config, dtype)
     for dtype in (torch.float32, torch.float64):
         for prologue in (False, True):
-            yield dtype, backward_reduce_launch(shape, prologue)
+            yield dtype, backward_reduce_launch(shape, prologue, dtype)

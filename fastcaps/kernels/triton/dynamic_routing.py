@@ -82,12 +82,12 @@ def routing_forward(
     with _on_device(u):
         u_k, weight_k = _prepare(u, weight)
         bias_k = s if bias is None else bias.contiguous()
-        plan = configs.pass_plan(batch, in_caps, u_k.dtype, configs.processors(u.device))
         whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
+        plan = configs.pass_plan(whole, u_k.dtype, configs.processors(u.device))
         for start, stop in configs.launch_ranges(batch, plan.config.block_b):
             rows = stop - start
             shape = whole.with_batch(rows)
-            reduce = configs.forward_reduce_launch(shape, bias is not None)
+            reduce = configs.forward_reduce_launch(shape, bias is not None, acc)
             v_sum = u.new_empty(rows, out_caps, out_dim, dtype=acc)
             for t in range(iterations):
                 # v_sum holds V_{t-1} for every row once t > 0; V_0 = 0 is not stored.
@@ -118,8 +118,8 @@ def routing_backward(
         sigma = torch.empty_like(v_sum)
         # With detach_routing only the last iteration carries gradient and c_r is a constant.
         first_differentiable = iterations - 1 if detach_routing else 0
-        plan = configs.pass_plan(batch, in_caps, u_k.dtype, configs.processors(u.device))
         whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
+        plan = configs.pass_plan(whole, u_k.dtype, configs.processors(u.device))
         for start, stop in configs.launch_ranges(batch, plan.config.block_b):
             rows = stop - start
             shape = whole.with_batch(rows)
@@ -127,30 +127,31 @@ def routing_backward(
             s_part, grad_v_part = s[start:stop], grad_v_k[start:stop]
             v_sum_part, sigma_part = v_sum[start:stop], sigma[start:stop]
             carried = u.new_empty(rows, out_caps, out_dim, dtype=acc)
-            _run(configs.backward_reduce_launch(shape, prologue=True), configs.reduce_grid(rows),
+            _run(configs.backward_reduce_launch(shape, True, acc), configs.reduce_grid(rows),
                  s_part, s_part, grad_v_part, carried, v_sum_part, sigma_part, rows, out_caps, out_dim,
                  iterations, iterations - 1, 0)
             # Phase A: the r - 1 reverse passes, each a pass and a reduction giving the next sigma.
-            reduce = configs.backward_reduce_launch(shape, prologue=False)
+            reduce = configs.backward_reduce_launch(shape, False, acc)
             for t in range(iterations - 1, first_differentiable, -1):
                 partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum_part[:, t], iterations * jd,
                                        rows, sigma_part[:, t], iterations * jd, acc, backward=True)
                 _run(reduce, configs.reduce_grid(rows), partial, s_part, grad_v_part, carried, v_sum_part,
                      sigma_part, rows, out_caps, out_dim, iterations, t - 1, plan.chunks)
         # Phase B. Every element is written: program (i, split) writes grad u[split's rows, i]
-        # and the split's grad W[:, i], straight into grad W when there is one split.
-        final_plan = configs.final_plan(batch, in_caps, u_k.dtype, configs.processors(u.device))
+        # and the split's grad W[:, i], straight into grad W when there is one split and W is
+        # resident (a streamed grad W is summed in memory: in the compute dtype).
+        final_plan = configs.final_plan(whole, u_k.dtype, configs.processors(u.device))
         final = configs.final_launch(whole, detach_routing, final_plan.config, u_k.dtype)
         grad_u_k = torch.empty_like(u_k)
         splits = final_plan.splits
-        grad_w_k = (torch.empty_like(weight_k) if splits == 1
-                    else weight_k.new_empty(splits, *weight_k.shape, dtype=acc))
+        direct = splits == 1 and final_plan.w_resident
+        grad_w_k = torch.empty_like(weight_k) if direct else weight_k.new_empty(splits, *weight_k.shape, dtype=acc)
         for first, last in configs.launch_ranges(in_caps):
             _run(final, (last - first, splits), u_k, weight_k, v_sum, sigma, grad_u_k, grad_w_k,
                  batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first,
                  final_plan.samples_per_split, weight_k.numel() if splits > 1 else 0)
         # The splits' partials: torch.sum, no atomics, so the same bits every run.
-        grad_weight_k = grad_w_k if splits == 1 else grad_w_k.sum(dim=0)
+        grad_weight_k = grad_w_k if direct else grad_w_k.sum(dim=0)
         grad_bias = sigma[:, first_differentiable:].sum(dim=(0, 1))
     return grad_u_k.to(u.dtype), grad_weight_k.to(weight.dtype), grad_bias.to(weight.dtype)
 

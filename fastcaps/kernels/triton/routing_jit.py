@@ -69,23 +69,24 @@ def _state_tile(first_row, batch, out_caps, out_dim, BLOCK_B: tl.constexpr, J_PA
 
 
 @triton.jit
-def _u_tile(u_ptr, rows, capsule, batch, in_caps, in_dim, BLOCK_B: tl.constexpr, DIN_PAD: tl.constexpr):
-    """u[rows, capsule, :] as (BLOCK_B, DIN_PAD), zero past the batch and Din."""
+def _u_tile(u_ptr, rows, capsule, batch, in_caps, in_dim, first_feature, BLOCK_B: tl.constexpr,
+            DIN_TILE: tl.constexpr):
+    """u[rows, capsule, first_feature:][:DIN_TILE] as (BLOCK_B, DIN_TILE), zero past the batch and Din."""
     sample = tl.reshape(rows, (BLOCK_B, 1))
-    feature = tl.arange(0, DIN_PAD)[None, :]
+    feature = first_feature + tl.arange(0, DIN_TILE)[None, :]
     return tl.load(u_ptr + (sample * in_caps + capsule) * in_dim + feature,
                    mask=(sample < batch) & (feature < in_dim), other=0.0)
 
 
 @triton.jit
-def _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                    DIN_PAD: tl.constexpr):
-    """Offsets and mask of W[:, capsule] as a (DIN_PAD, J_PAD * D_PAD) tile: column j * D_PAD + d
-    holds W[j, capsule, d, :]."""
+def _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, first_feature, J_PAD: tl.constexpr,
+                    D_PAD: tl.constexpr, DIN_TILE: tl.constexpr):
+    """Offsets and mask of W[:, capsule, :, first_feature:][..., :DIN_TILE] as a
+    (DIN_TILE, J_PAD * D_PAD) tile: column j * D_PAD + d holds W[j, capsule, d, e]."""
     column = tl.arange(0, J_PAD * D_PAD)[None, :]
     out_cap = (column // D_PAD).to(tl.int64)  # J * I can pass 2^31
     out_d = column % D_PAD
-    in_e = tl.arange(0, DIN_PAD)[:, None]
+    in_e = first_feature + tl.arange(0, DIN_TILE)[:, None]
     offsets = ((out_cap * in_caps + capsule) * out_dim + out_d) * in_dim + in_e
     return offsets, (out_cap < out_caps) & (out_d < out_dim) & (in_e < in_dim)
 
@@ -105,16 +106,34 @@ def _predict_from_tiles(u_tile, w_tile, BLOCK_B: tl.constexpr, J_PAD: tl.constex
 
 
 @triton.jit
-def _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
-             BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
-             DIN_PAD: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """u_hat[b, j, d] = sum_e W[j, capsule, d, e] u[b, capsule, e] for a block of samples,
-    as (BLOCK_B, J_PAD, D_PAD) in ACC; zero in padded rows, capsules and dims."""
-    capsule = tl.cast(capsule, tl.int64)
-    u_tile = _u_tile(u_ptr, rows, capsule, batch, in_caps, in_dim, BLOCK_B, DIN_PAD)
-    w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, J_PAD, D_PAD, DIN_PAD)
+def _predict_tile(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim, first_feature,
+                  BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr, DIN_TILE: tl.constexpr,
+                  USE_DOT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The part of u_hat from the DIN_TILE input features at first_feature."""
+    u_tile = _u_tile(u_ptr, rows, capsule, batch, in_caps, in_dim, first_feature, BLOCK_B, DIN_TILE)
+    w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, first_feature, J_PAD, D_PAD,
+                                        DIN_TILE)
     w_tile = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
     return _predict_from_tiles(u_tile, w_tile, BLOCK_B, J_PAD, D_PAD, USE_DOT, ACC, DOT_PRECISION)
+
+
+@triton.jit
+def _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
+             BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr, DIN_PAD: tl.constexpr,
+             DIN_TILE: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """u_hat[b, j, d] = sum_e W[j, capsule, d, e] u[b, capsule, e] for a block of samples,
+    as (BLOCK_B, J_PAD, D_PAD) in ACC; zero in padded rows, capsules and dims. W[:, capsule]
+    is loaded DIN_TILE features at a time (configs.din_tile: all of them unless the tile
+    would not fit in registers), the tiles' parts added in feature order."""
+    capsule = tl.cast(capsule, tl.int64)
+    u_hat = _predict_tile(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim, 0,
+                          BLOCK_B, J_PAD, D_PAD, DIN_TILE, USE_DOT, ACC, DOT_PRECISION)
+    # A loop, not unrolled: unrolled, ptxas hoisted every tile's loads and spilled (float64,
+    # (32, 32, 16), Triton 3.6).
+    for first_feature in range(DIN_TILE, DIN_PAD, DIN_TILE):
+        u_hat += _predict_tile(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
+                               first_feature, BLOCK_B, J_PAD, D_PAD, DIN_TILE, USE_DOT, ACC, DOT_PRECISION)
+    return u_hat
 
 
 @triton.jit
@@ -142,7 +161,7 @@ def _routing_pass_kernel(
     v_sum_stride, sigma_stride, v_sum_rows, caps_per_chunk, chunks,
     BACKWARD: tl.constexpr,  # False: sums c * u_hat (s_t); True: delta * u_hat (dL/dV_{t-1})
     BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr, DIN_PAD: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIN_TILE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One routing pass over a chunk of input capsules for a block of samples."""
     ACC = partial_ptr.dtype.element_ty
@@ -161,7 +180,7 @@ def _routing_pass_kernel(
     last = tl.minimum(first + caps_per_chunk, in_caps)
     for capsule in range(first, last):
         u_hat = _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
-                         BLOCK_B, J_PAD, D_PAD, DIN_PAD, USE_DOT, ACC, DOT_PRECISION)
+                         BLOCK_B, J_PAD, D_PAD, DIN_PAD, DIN_TILE, USE_DOT, ACC, DOT_PRECISION)
         c = _couplings(u_hat, v_sum, caps_valid)
         if BACKWARD:
             gamma = tl.sum(sigma * u_hat, axis=2)  # dL/dc
@@ -264,34 +283,83 @@ def _backward_reduce_kernel(
 
 
 @triton.jit
+def _grad_u_hat(u_hat, v_sum_ptr, sigma_ptr, rows, state_offsets, state_mask, jd, iterations,
+                first_differentiable, caps_valid, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr,
+                D_PAD: tl.constexpr, DETACH_ROUTING: tl.constexpr, ACC: tl.constexpr):
+    """g = dL/du_hat for a block of samples, (BLOCK_B, J_PAD * D_PAD):
+    sum_t c_t[j] sigma_t[j] + delta_t[j] V_{t-1}[j] (the delta term not with DETACH_ROUTING)."""
+    grad_u_hat = tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC)
+    for t in range(first_differentiable, iterations):
+        offsets = (rows * iterations + t) * jd + state_offsets
+        v_sum = tl.load(v_sum_ptr + offsets, mask=state_mask, other=0.0)
+        sigma = tl.load(sigma_ptr + offsets, mask=state_mask, other=0.0)
+        c = _couplings(u_hat, v_sum, caps_valid)
+        grad_u_hat += c[:, :, None] * sigma
+        if not DETACH_ROUTING:
+            gamma = tl.sum(sigma * u_hat, axis=2)
+            delta = c * (gamma - tl.sum(c * gamma, axis=1, keep_dims=True))
+            grad_u_hat += delta[:, :, None] * v_sum  # 0 at t = 1, where V_0 = 0
+    return tl.reshape(grad_u_hat, (BLOCK_B, J_PAD * D_PAD))
+
+
+@triton.jit
+def _grad_products(grad_flat, u_tile, w_tile, USE_DOT: tl.constexpr, ACC: tl.constexpr):
+    """(g W^T, U^T g) for a block: its grad u rows and its part of grad W, over a tile of
+    input features (u_tile: samples x features, w_tile: features x J*D, both in ACC)."""
+    if USE_DOT:
+        grad_u_rows = tl.dot(grad_flat, tl.trans(w_tile), out_dtype=ACC, input_precision="ieee")
+        grad_w_part = tl.dot(tl.trans(u_tile), grad_flat, out_dtype=ACC, input_precision="ieee")
+    else:
+        grad_u_rows = tl.sum(grad_flat[:, None, :] * w_tile[None, :, :], axis=2)
+        grad_w_part = tl.sum(u_tile[:, :, None] * grad_flat[:, None, :], axis=0)
+    return grad_u_rows, grad_w_part
+
+
+@triton.jit
+def _store_grad_u(grad_u_ptr, grad_u_rows, rows, capsule, last_row, in_caps, in_dim, first_feature,
+                  BLOCK_B: tl.constexpr, DIN_TILE: tl.constexpr):
+    sample = tl.reshape(rows, (BLOCK_B, 1))
+    feature = first_feature + tl.arange(0, DIN_TILE)[None, :]
+    tl.store(grad_u_ptr + (sample * in_caps + capsule) * in_dim + feature,
+             grad_u_rows.to(grad_u_ptr.dtype.element_ty), mask=(sample < last_row) & (feature < in_dim))
+
+
+@triton.jit
 def _routing_final_kernel(
     u_ptr,  # (B, I, Din)
     w_ptr,  # (J, I, D, Din)
     v_sum_ptr,  # (B, r, J, D): V_{t-1}
     sigma_ptr,  # (B, r, J, D): dL/ds_t
     grad_u_ptr,  # (B, I, Din) u's dtype
-    grad_w_ptr,  # (splits, J, I, D, Din): weight's dtype with one split, else acc partials
+    grad_w_ptr,  # (splits, J, I, D, Din): weight's dtype with one split and W resident, else acc
     batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first_capsule,
     samples_per_split, grad_w_split_stride,
     DETACH_ROUTING: tl.constexpr, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    DIN_PAD: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIN_PAD: tl.constexpr, DIN_TILE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Phase B for one input capsule i (first_capsule + program id 0) and one split of the
     batch (program id 1), BLOCK_B samples at a time, blocks in batch order:
     u_hat = U W_i, g[j] = sum_t c_t[j] sigma_t[j] + delta_t[j] V_{t-1}[j] per sample, then
     grad u[rows, i] = g W_i^T and grad W[:, i] += U^T g, the three products on tl.dot from 16
     samples up. The program owns its split's grad W[:, i]: no atomics, the batch sum in
-    batch order; the launcher adds the splits' partials (torch.sum)."""
+    batch order; the launcher adds the splits' partials (torch.sum).
+
+    W resident (DIN_TILE == DIN_PAD, configs.din_tile): W_i and its grad W are held in
+    registers across the batch loop. Otherwise (capsules too large for that) both are
+    streamed DIN_TILE input features at a time: W_i's tiles are loaded again at every block
+    (from cache), and each block's part of grad W is added to the split's acc buffer in
+    memory, which this program alone reads and writes, in batch order."""
     ACC = v_sum_ptr.dtype.element_ty
+    W_RESIDENT: tl.constexpr = DIN_TILE == DIN_PAD
     capsule = tl.program_id(0).to(tl.int64) + first_capsule
     split = tl.program_id(1)
-    w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, J_PAD, D_PAD, DIN_PAD)
-    # (DIN_PAD, J_PAD * D_PAD), held in ACC only: a half copy beside it spilled (sm_90).
-    w_acc = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(ACC)
+    if W_RESIDENT:
+        w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, 0, J_PAD, D_PAD, DIN_PAD)
+        # (DIN_PAD, J_PAD * D_PAD), held in ACC only: a half copy beside it spilled (sm_90).
+        w_acc = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(ACC)
+        grad_weight = tl.zeros((DIN_PAD, J_PAD * D_PAD), ACC)
     caps_valid = (tl.arange(0, J_PAD) < out_caps)[None, :]
     jd = out_caps * out_dim
-    feature = tl.arange(0, DIN_PAD)[None, :]
-    grad_weight = tl.zeros((DIN_PAD, J_PAD * D_PAD), ACC)
     # The split's rows; the loop runs samples_per_split (an argument: a trip count computed here
     # made ptxas save registers on the stack around the loop, sm_80), the last split's extra
     # rows masked.
@@ -301,32 +369,37 @@ def _routing_final_kernel(
     for offset in range(0, samples_per_split, BLOCK_B):
         rows, state_offsets, state_mask = _state_tile(first_row + offset, last_row, out_caps, out_dim, BLOCK_B,
                                                       J_PAD, D_PAD)
-        u_acc = _u_tile(u_ptr, rows, capsule, last_row, in_caps, in_dim, BLOCK_B, DIN_PAD).to(ACC)
-        u_hat = _predict_from_tiles(u_acc, w_acc, BLOCK_B, J_PAD, D_PAD, USE_DOT, ACC, DOT_PRECISION)
-        grad_u_hat = tl.zeros((BLOCK_B, J_PAD, D_PAD), ACC)
-        for t in range(first_differentiable, iterations):
-            offsets = (rows * iterations + t) * jd + state_offsets
-            v_sum = tl.load(v_sum_ptr + offsets, mask=state_mask, other=0.0)
-            sigma = tl.load(sigma_ptr + offsets, mask=state_mask, other=0.0)
-            c = _couplings(u_hat, v_sum, caps_valid)
-            grad_u_hat += c[:, :, None] * sigma
-            if not DETACH_ROUTING:
-                gamma = tl.sum(sigma * u_hat, axis=2)
-                delta = c * (gamma - tl.sum(c * gamma, axis=1, keep_dims=True))
-                grad_u_hat += delta[:, :, None] * v_sum  # 0 at t = 1, where V_0 = 0
-        grad_flat = tl.reshape(grad_u_hat, (BLOCK_B, J_PAD * D_PAD))
-        if USE_DOT:
-            grad_u_rows = tl.dot(grad_flat, tl.trans(w_acc), out_dtype=ACC, input_precision="ieee")
-            grad_weight += tl.dot(tl.trans(u_acc), grad_flat, out_dtype=ACC, input_precision="ieee")
+        if W_RESIDENT:
+            u_acc = _u_tile(u_ptr, rows, capsule, last_row, in_caps, in_dim, 0, BLOCK_B, DIN_PAD).to(ACC)
+            u_hat = _predict_from_tiles(u_acc, w_acc, BLOCK_B, J_PAD, D_PAD, USE_DOT, ACC, DOT_PRECISION)
         else:
-            grad_u_rows = tl.sum(grad_flat[:, None, :] * w_acc[None, :, :], axis=2)
-            grad_weight += tl.sum(u_acc[:, :, None] * grad_flat[:, None, :], axis=0)
-        sample = tl.reshape(rows, (BLOCK_B, 1))
-        tl.store(grad_u_ptr + (sample * in_caps + capsule) * in_dim + feature,
-                 grad_u_rows.to(grad_u_ptr.dtype.element_ty), mask=(sample < last_row) & (feature < in_dim))
-    # The offsets again, not kept live across the loop (ptxas put them on the stack: sm_90).
-    w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, J_PAD, D_PAD, DIN_PAD)
-    tl.store(grad_w_split + w_offsets, grad_weight.to(grad_w_ptr.dtype.element_ty), mask=w_mask)
+            u_hat = _predict(u_ptr, w_ptr, rows, capsule, last_row, in_caps, out_caps, out_dim, in_dim,
+                             BLOCK_B, J_PAD, D_PAD, DIN_PAD, DIN_TILE, USE_DOT, ACC, DOT_PRECISION)
+        grad_flat = _grad_u_hat(u_hat, v_sum_ptr, sigma_ptr, rows, state_offsets, state_mask, jd, iterations,
+                                first_differentiable, caps_valid, BLOCK_B, J_PAD, D_PAD, DETACH_ROUTING, ACC)
+        if W_RESIDENT:
+            grad_u_rows, grad_w_part = _grad_products(grad_flat, u_acc, w_acc, USE_DOT, ACC)
+            grad_weight += grad_w_part
+            _store_grad_u(grad_u_ptr, grad_u_rows, rows, capsule, last_row, in_caps, in_dim, 0, BLOCK_B, DIN_PAD)
+        else:
+            for first_feature in range(0, DIN_PAD, DIN_TILE):
+                w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, first_feature,
+                                                    J_PAD, D_PAD, DIN_TILE)
+                w_tile = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(ACC)
+                u_tile = _u_tile(u_ptr, rows, capsule, last_row, in_caps, in_dim, first_feature, BLOCK_B,
+                                 DIN_TILE).to(ACC)
+                grad_u_rows, grad_w_part = _grad_products(grad_flat, u_tile, w_tile, USE_DOT, ACC)
+                _store_grad_u(grad_u_ptr, grad_u_rows, rows, capsule, last_row, in_caps, in_dim, first_feature,
+                              BLOCK_B, DIN_TILE)
+                # The sum so far (none before the first block), then this block's part.
+                so_far = tl.load(grad_w_split + w_offsets, mask=w_mask & (offset > 0), other=0.0)
+                tl.store(grad_w_split + w_offsets, so_far + grad_w_part, mask=w_mask)
+            # The next block reads what this one wrote: make it visible across the program's threads.
+            tl.debug_barrier()
+    if W_RESIDENT:
+        # The offsets again, not kept live across the loop (ptxas put them on the stack: sm_90).
+        w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, 0, J_PAD, D_PAD, DIN_PAD)
+        tl.store(grad_w_split + w_offsets, grad_weight.to(grad_w_ptr.dtype.element_ty), mask=w_mask)
 
 
 # True when TRITON_INTERPRET=1 was set before triton decorated the kernels: they run on CPU.
