@@ -12,7 +12,9 @@ and sigma_r), then per iteration r..2 a pass and a reduction giving the next sig
 (and per split of the batch where the capsules alone would leave the GPU idle), that walks
 its samples in order, 16 at a time on tl.dot from 16 samples up, and writes grad u and that
 capsule's grad W, or the split's partial of it, added by torch.sum (2r launches, 2 with
-detach_routing, and the sum when split). grad bias is the sum of sigma over samples and iterations. Every
+detach_routing, and the sum when split). Capsules too large to keep W[:, i] in registers
+(configs.w_resident) stream it, and their grad W goes through a compute-dtype buffer even
+with one split. grad bias is the sum of sigma over samples and iterations. Every
 launch's compile-time arguments and compile options come from configs.py. Every launch is
 made on u's device (``torch.cuda.device(u.device)``), whichever GPU is current, and nothing
 here waits for the GPU (no host sync), so that forward+backward can be captured in a CUDA
