@@ -80,17 +80,26 @@ def _tile_columns(shape: RoutingShape) -> int:
     return padded(shape.out_caps) * padded(shape.out_dim)
 
 
+def _input_features(shape: RoutingShape, use_dot: bool) -> int:
+    """Din padded for the W tile (tl.dot takes 16 or more)."""
+    return padded(shape.in_dim, 16 if use_dot else 1)
+
+
+def _halved_to_fit(tile: int, values_each: int, limit: int) -> int:
+    """``tile`` (a power of two) halved while tile x values_each passes ``limit`` (at least 1)."""
+    while tile > 1 and tile * values_each > limit:
+        tile //= 2
+    return tile
+
+
 def din_tile(shape: RoutingShape, dtype: torch.dtype, use_dot: bool) -> int:
     """Input features per W tile: all of them (padded) when W[:, i] fits in W_TILE_VALUES or the
     product is tl.dot's, else the largest power of two within half of it (at least 1)."""
-    features = padded(shape.in_dim, 16 if use_dot else 1)
+    features = _input_features(shape, use_dot)
     per_feature = _tile_columns(shape) * _value_scale(dtype)
     if use_dot or features * per_feature <= W_TILE_VALUES:
         return features
-    tile = features
-    while tile > 1 and tile * per_feature > W_TILE_VALUES // 2:
-        tile //= 2
-    return tile
+    return _halved_to_fit(features, per_feature, W_TILE_VALUES // 2)
 
 
 def _warps_for(values: int, shape: RoutingShape) -> Optional[int]:
@@ -248,7 +257,7 @@ def pass_launch(config: PassConfig, dtype: torch.dtype, shape: RoutingShape, bac
     use_dot = uses_dot(config.block_b, dtype, shape.out_caps, shape.out_dim)
     return Launch("routing_pass", jit._routing_pass_kernel,
                   dict(BACKWARD=backward, BLOCK_B=config.block_b, J_PAD=padded(shape.out_caps),
-                       D_PAD=padded(shape.out_dim), DIN_PAD=padded(shape.in_dim, 16 if use_dot else 1),
+                       D_PAD=padded(shape.out_dim), DIN_PAD=_input_features(shape, use_dot),
                        DIN_TILE=din_tile(shape, dtype, use_dot), USE_DOT=use_dot,
                        DOT_PRECISION=_dot_precision(dtype, use_dot, precision)), config.num_warps,
                   REGISTER_OPTIONS)
@@ -267,24 +276,21 @@ def backward_reduce_launch(shape: RoutingShape, prologue: bool, dtype: torch.dty
 def reduce_chunk_tile(shape: RoutingShape, dtype: torch.dtype) -> int:
     """Chunks per reduction step: REDUCE_CHUNK_TILE, halved while the tile of J x D partials
     passes REDUCE_TILE_VALUES (at least 1)."""
-    tile = REDUCE_CHUNK_TILE
-    while tile > 1 and tile * _tile_columns(shape) * _value_scale(dtype) > REDUCE_TILE_VALUES:
-        tile //= 2
-    return tile
+    return _halved_to_fit(REDUCE_CHUNK_TILE, _tile_columns(shape) * _value_scale(dtype), REDUCE_TILE_VALUES)
 
 
 def w_resident(shape: RoutingShape, dtype: torch.dtype, block_b: int) -> bool:
     """Whether phase B holds W[:, i] and its grad W in registers across its batch loop (else it
     streams both in Din tiles, routing_jit._routing_final_kernel)."""
     use_dot = uses_dot(block_b, dtype, shape.out_caps, shape.out_dim)
-    return din_tile(shape, dtype, use_dot) == padded(shape.in_dim, 16 if use_dot else 1) and \
+    return din_tile(shape, dtype, use_dot) == _input_features(shape, use_dot) and \
         _final_warps(shape, dtype, block_b, resident=True) is not None
 
 
 def _final_warps(shape: RoutingShape, dtype: torch.dtype, block_b: int, resident: bool) -> Optional[int]:
     columns = _tile_columns(shape)
     use_dot = uses_dot(block_b, dtype, shape.out_caps, shape.out_dim)
-    features = padded(shape.in_dim, 16 if use_dot else 1) if resident else din_tile(shape, dtype, use_dot)
+    features = _input_features(shape, use_dot) if resident else din_tile(shape, dtype, use_dot)
     return _warps_for(_value_scale(dtype) * (FINAL_STATE_TILES * block_b * columns + 2 * features * columns),
                       shape)
 
@@ -338,7 +344,7 @@ def final_launch(shape: RoutingShape, detach_routing: bool, config: PassConfig, 
     tf32x3 program spilled 8-32 bytes and took 66 KB of shared memory, sm_80 and sm_90).
     DIN_TILE == DIN_PAD when W is resident (w_resident)."""
     use_dot = uses_dot(config.block_b, dtype, shape.out_caps, shape.out_dim)
-    features = padded(shape.in_dim, 16 if use_dot else 1)
+    features = _input_features(shape, use_dot)
     tile = features if w_resident(shape, dtype, config.block_b) else din_tile(shape, dtype, use_dot)
     return Launch("routing_final", jit._routing_final_kernel,
                   dict(DETACH_ROUTING=detach_routing, BLOCK_B=config.block_b, J_PAD=padded(shape.out_caps),
