@@ -57,9 +57,9 @@ def build_other(checkout: pathlib.Path) -> None:
 
 def step(ops, u, weight, bias, mode: str) -> None:
     kept = u.new_empty(this_kernels.kept_numel(u.shape[0], weight.shape[1], weight.shape[0], weight.shape[2], u.dtype))
-    v, s = ops.routing_cpu_forward(u, weight, bias, 3, kept)
+    v, s = ops.routing_cpu_forward(u, weight, bias, 3, False, kept)
     if mode == "forward+backward":
-        ops.routing_cpu_backward(torch.ones_like(v), u, weight, s, kept, 3, False)
+        ops.routing_cpu_backward(torch.ones_like(v), u, weight, s, kept, 3, False, False)
 
 
 def main() -> None:

@@ -25,12 +25,12 @@ def measure(batch: int, rounds: int) -> str:
     point = bench.Point("mnist", bench.CASES["mnist"].with_batch(batch), 3, "forward+backward", "reference-compiled")
     compiled = bench.make_runner(point)
     u, weight = bench.point_inputs(point, seed=1)
-    v, s, kept_u_hat = cpu_kernels.routing_forward(u, weight, None, 3, False)
+    v, s, kept_u_hat = cpu_kernels.routing_forward(u, weight, None, 3, False, False)
     assert kept_u_hat.numel() > 0, "this batch keeps no u_hat"
     grad_v = torch.ones_like(v)
     variants = {
-        "kept": lambda: cpu_kernels.routing_backward(grad_v, u, weight, None, s, kept_u_hat, 3, False),
-        "recomputing": lambda: cpu_kernels.routing_backward(grad_v, u, weight, None, s, kept_u_hat[:0], 3, False),
+        "kept": lambda: cpu_kernels.routing_backward(grad_v, u, weight, None, s, kept_u_hat, 3, False, False),
+        "recomputing": lambda: cpu_kernels.routing_backward(grad_v, u, weight, None, s, kept_u_hat[:0], 3, False, False),
     }
     names = list(variants)
     for name in names:  # warm-up, not kept

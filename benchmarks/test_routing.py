@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+from fastcaps.cases import RoutingShape
 from fastcaps.tools.bench import engine as bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,7 +25,8 @@ DTYPES = ["float32", "float16", "bfloat16"] if DEVICE == "cuda" else ["float32"]
 POINTS = [
     point
     for dtype in DTYPES
-    for point in bench.points(list(bench.CASES), [1, 32, 128, 512], [1, 3, 5], list(bench.MODES),
+    for point in bench.points([name for name, shape in bench.CASES.items() if isinstance(shape, RoutingShape)],
+                              [1, 32, 128, 512], [1, 3, 5], list(bench.MODES),
                               bench.providers(DEVICE), dtype, DEVICE)
 ]
 

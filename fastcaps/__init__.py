@@ -13,8 +13,9 @@ The layers of the package (docs/architecture.md): ``reference`` (the papers' alg
 from .kernels.cpu import extension as _extension  # noqa: F401  (loads the C++ kernels, or warns once)
 from . import functional, nn, ops, reference
 from .backends import BACKENDS, available_backends
-from .functional import dynamic_routing, margin_loss, reconstruction_loss, squash
-from .nn import CapsNet, CapsNetOutput, CapsuleLoss, Decoder, DigitCaps, MarginLoss, PrimaryCaps, convert_weight
+from .functional import conv_dynamic_routing, dynamic_routing, margin_loss, reconstruction_loss, route_votes, squash
+from .nn import (CapsNet, CapsNetOutput, CapsuleLoss, ConvCaps2d, Decoder, DigitCaps, MarginLoss, PrimaryCaps,
+                 convert_weight)
 
 __version__ = "0.1.0"
 
@@ -22,11 +23,14 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "dynamic_routing",
+    "conv_dynamic_routing",
+    "route_votes",
     "squash",
     "margin_loss",
     "reconstruction_loss",
     "DigitCaps",
     "PrimaryCaps",
+    "ConvCaps2d",
     "Decoder",
     "CapsNet",
     "CapsNetOutput",

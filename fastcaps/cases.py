@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .reference import squash
 
-__all__ = ["RoutingShape", "RoutingInputs", "make_inputs", "INITS"]
+__all__ = ["RoutingShape", "RoutingInputs", "make_inputs", "INITS", "ConvShape", "make_conv_inputs", "VotesShape"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,95 @@ def make_inputs(shape: RoutingShape, seed: int, bias: bool = False, init: str = 
     b = normal(shape.out_caps, shape.out_dim, std=0.5) if bias else None
     grad_v = normal(*shape.v_shape)
     return RoutingInputs(*(None if t is None else t.to(device=device, dtype=dtype) for t in (u, weight, b, grad_v)))
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A convolutional capsule layer's call: u (batch, in_caps, in_dim, height, width) routes
+    to v (batch, out_caps, out_dim, H', W') through weight (out_caps, in_caps, kh, kw, out_dim,
+    in_dim); kernel, stride, padding and dilation are pairs."""
+    batch: int
+    in_caps: int
+    in_dim: int
+    height: int
+    width: int
+    out_caps: int
+    out_dim: int
+    kernel: Tuple[int, int] = (3, 3)
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int] = (0, 0)
+    dilation: Tuple[int, int] = (1, 1)
+
+    @property
+    def u_shape(self) -> Tuple[int, ...]:
+        return (self.batch, self.in_caps, self.in_dim, self.height, self.width)
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        return (self.out_caps, self.in_caps, *self.kernel, self.out_dim, self.in_dim)
+
+    @property
+    def out_grid(self) -> Tuple[int, int]:
+        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+                     zip((self.height, self.width), self.kernel, self.stride, self.padding, self.dilation))
+
+    @property
+    def v_shape(self) -> Tuple[int, ...]:
+        return (self.batch, self.out_caps, self.out_dim, *self.out_grid)
+
+    @property
+    def children(self) -> int:
+        """Capsules in a window: in_caps * kh * kw."""
+        return self.in_caps * self.kernel[0] * self.kernel[1]
+
+    def with_batch(self, batch: int) -> "ConvShape":
+        return replace(self, batch=batch)
+
+    def __str__(self) -> str:
+        extras = "".join(f" {name}{a}x{b}" for name, (a, b), plain in
+                         (("s", self.stride, (1, 1)), ("p", self.padding, (0, 0)), ("d", self.dilation, (1, 1)))
+                         if (a, b) != plain)
+        return (f"B{self.batch} I{self.in_caps} Din{self.in_dim} {self.height}x{self.width} J{self.out_caps} "
+                f"D{self.out_dim} K{self.kernel[0]}x{self.kernel[1]}{extras}")
+
+
+def make_conv_inputs(shape: ConvShape, seed: int, bias: bool = False, init: str = "routing",
+                     dtype: torch.dtype = torch.float64, device="cpu") -> RoutingInputs:
+    """``make_inputs`` for a convolutional layer: u (B, I, Din, H, W) squashed over Din, weight
+    (J, I, Kh, Kw, D, Din), bias (J, D), grad_v (B, J, D, H', W'); "digitcaps" init counts the
+    children of a window."""
+    if init not in INITS:
+        raise ValueError(f"make_conv_inputs: init must be one of {INITS}, got {init!r}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*size, std=1.0):
+        return torch.randn(*size, generator=generator, dtype=torch.float64) * std
+
+    u = squash(normal(*shape.u_shape, std=2.0 if init == "routing" else 1.0), dim=2)
+    std = 2.0 / math.sqrt(shape.out_dim) if init == "routing" else shape.out_caps / math.sqrt(
+        shape.children * shape.out_dim)
+    weight = normal(*shape.weight_shape, std=std)
+    b = normal(shape.out_caps, shape.out_dim, std=0.5) if bias else None
+    grad_v = normal(*shape.v_shape)
+    return RoutingInputs(*(None if t is None else t.to(device=device, dtype=dtype) for t in (u, weight, b, grad_v)))
+
+
+@dataclass(frozen=True)
+class VotesShape:
+    """A call of routing from given votes: votes (batch, positions, in_caps, out_caps, out_dim)
+    route to v (batch, positions, out_caps, out_dim), each (sample, position) on its own."""
+    batch: int
+    positions: int
+    in_caps: int
+    out_caps: int
+    out_dim: int
+
+    @property
+    def votes_shape(self) -> Tuple[int, ...]:
+        return (self.batch, self.positions, self.in_caps, self.out_caps, self.out_dim)
+
+    def with_batch(self, batch: int) -> "VotesShape":
+        return replace(self, batch=batch)
+
+    def __str__(self) -> str:
+        return f"B{self.batch} P{self.positions} I{self.in_caps} J{self.out_caps} D{self.out_dim}"

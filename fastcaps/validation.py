@@ -18,17 +18,10 @@ def describe(value) -> str:
 
 
 def check_routing_args(
-    u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, detach_routing: bool
+    u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, detach_routing: bool, leaky: bool = False
 ) -> None:
-    """Raise TypeError/ValueError unless (u, weight, bias, iterations, detach_routing) is a routing call."""
-    for name, value in (("u", u), ("weight", weight)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"dynamic_routing: {name} must be a tensor, got {describe(value)}")
-        if not value.is_floating_point():
-            raise TypeError(
-                f"dynamic_routing: {name} must be a floating-point tensor "
-                f"(float16, bfloat16, float32 or float64), got {describe(value)}"
-            )
+    """Raise TypeError/ValueError unless (u, weight, bias, iterations, detach_routing, leaky) is a routing call."""
+    _check_floating("dynamic_routing", ("u", u), ("weight", weight))
     if u.dim() != 3:
         raise ValueError(
             f"dynamic_routing: u must have shape (batch, in_caps, in_dim), got {describe(u)}"
@@ -51,33 +44,31 @@ def check_routing_args(
             f"shape {tuple(weight.shape)}"
         )
     _check_same(u, weight, "weight")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"dynamic_routing: bias must be a tensor or None, got {describe(bias)}")
-        if tuple(bias.shape) != (out_caps, out_dim):
-            raise ValueError(
-                f"dynamic_routing: bias must have shape (out_caps, out_dim) = "
-                f"({out_caps}, {out_dim}), got {describe(bias)}"
-            )
-        _check_same(u, bias, "bias")
+    _check_bias("dynamic_routing", u, bias, out_caps, out_dim)
+    check_routing_options(iterations, detach_routing, leaky, "dynamic_routing")
+
+
+def check_routing_options(iterations: int, detach_routing: bool, leaky: bool, where: str) -> None:
+    """The options every dynamic-routing entry point shares."""
     # bool is an int subclass; iterations=True is a bug, not 1.
     if isinstance(iterations, bool) or not isinstance(iterations, int):
-        raise TypeError(f"dynamic_routing: iterations must be an int >= 1, got {describe(iterations)}")
+        raise TypeError(f"{where}: iterations must be an int >= 1, got {describe(iterations)}")
     if iterations < 1:
-        raise ValueError(f"dynamic_routing: iterations must be >= 1, got {iterations}")
-    if not isinstance(detach_routing, bool):
-        raise TypeError(f"dynamic_routing: detach_routing must be a bool, got {describe(detach_routing)}")
+        raise ValueError(f"{where}: iterations must be >= 1, got {iterations}")
+    for name, value in (("detach_routing", detach_routing), ("leaky", leaky)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{where}: {name} must be a bool, got {describe(value)}")
 
 
-def _check_same(u: Tensor, other: Tensor, name: str) -> None:
+def _check_same(u: Tensor, other: Tensor, name: str, where: str = "dynamic_routing", first: str = "u") -> None:
     if other.device != u.device:
         raise ValueError(
-            f"dynamic_routing: {name} is on {other.device} but u is on {u.device}; "
+            f"{where}: {name} is on {other.device} but {first} is on {u.device}; "
             "move both to one device"
         )
     if other.dtype != u.dtype:
         raise TypeError(
-            f"dynamic_routing: {name} has dtype {other.dtype} but u has dtype {u.dtype}; "
+            f"{where}: {name} has dtype {other.dtype} but {first} has dtype {u.dtype}; "
             "cast both to one dtype (as torch.nn.Linear requires)"
         )
 
@@ -97,3 +88,80 @@ def renamed_detach(detach_routing: bool, detach: Optional[bool], where: str) -> 
         warnings.warn(f"{where}: the keyword 'detach' is deprecated; use 'detach_routing' (same meaning)",
                       FutureWarning, stacklevel=3)
     return detach
+
+
+def pair(value, name: str, where: str = "conv_dynamic_routing"):
+    """An int or a pair of ints, as nn.Conv2d takes kernel_size, stride, padding, dilation."""
+    items = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(items, (tuple, list)) or len(items) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in items)):
+        raise TypeError(f"{where}: {name} must be an int or a pair of ints, got {describe(value)}")
+    return int(items[0]), int(items[1])
+
+
+def check_conv_routing_args(u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, stride, padding,
+                            dilation, detach_routing: bool, leaky: bool) -> None:
+    """Raise TypeError/ValueError unless this is a convolutional routing call (stride, padding
+    and dilation already pairs, ``pair``)."""
+    where = "conv_dynamic_routing"
+    _check_floating(where, ("u", u), ("weight", weight))
+    if u.dim() != 5:
+        raise ValueError(f"{where}: u must have shape (batch, in_caps, in_dim, height, width), got {describe(u)}")
+    if weight.dim() != 6:
+        raise ValueError(f"{where}: weight must have shape (out_caps, in_caps, kernel_h, kernel_w, out_dim, in_dim), "
+                         f"got {describe(weight)}")
+    _, in_caps, in_dim, height, width = u.shape
+    out_caps, w_in_caps, kh, kw, out_dim, w_in_dim = weight.shape
+    if (w_in_caps, w_in_dim) != (in_caps, in_dim):
+        raise ValueError(f"{where}: weight of shape {tuple(weight.shape)} expects u of shape "
+                         f"(batch, {w_in_caps}, {w_in_dim}, height, width), got u of shape {tuple(u.shape)}")
+    if min(out_caps, kh, kw, out_dim, in_dim, in_caps) < 1:
+        raise ValueError(f"{where}: every dimension of weight must be at least 1, got {describe(weight)}")
+    for name, values, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if min(values) < least:
+            raise ValueError(f"{where}: {name} must be at least {least}, got {values}")
+    for axis, size, kernel in ((0, height, kh), (1, width, kw)):
+        span = dilation[axis] * (kernel - 1) + 1
+        if span > size + 2 * padding[axis]:
+            raise ValueError(
+                f"{where}: the window ({kh} x {kw}, dilation {dilation}) spans {span} along "
+                f"{('height', 'width')[axis]}, larger than the padded grid ({size} + 2 * {padding[axis]}); "
+                "expected a window that fits")
+    _check_same(u, weight, "weight", where)
+    _check_bias(where, u, bias, out_caps, out_dim)
+    check_routing_options(iterations, detach_routing, leaky, where)
+
+
+def check_votes_args(votes: Tensor, bias: Optional[Tensor], iterations: int, detach_routing: bool,
+                     leaky: bool) -> None:
+    """Raise TypeError/ValueError unless this is a call of routing from given votes."""
+    where = "route_votes"
+    _check_floating(where, ("votes", votes))
+    if votes.dim() < 3:
+        raise ValueError(f"{where}: votes must have shape (..., in_caps, out_caps, out_dim), got {describe(votes)}")
+    in_caps, out_caps, out_dim = votes.shape[-3:]
+    if min(in_caps, out_caps, out_dim) < 1:
+        raise ValueError(f"{where}: in_caps, out_caps and out_dim must be at least 1, got {describe(votes)}")
+    _check_bias(where, votes, bias, out_caps, out_dim, "votes")
+    check_routing_options(iterations, detach_routing, leaky, where)
+
+
+def _check_floating(where: str, *named) -> None:
+    for name, value in named:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor, got {describe(value)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{where}: {name} must be a floating-point tensor "
+                            f"(float16, bfloat16, float32 or float64), got {describe(value)}")
+
+
+def _check_bias(where: str, u: Tensor, bias: Optional[Tensor], out_caps: int, out_dim: int,
+                first: str = "u") -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"{where}: bias must be a tensor or None, got {describe(bias)}")
+    if tuple(bias.shape) != (out_caps, out_dim):
+        raise ValueError(f"{where}: bias must have shape (out_caps, out_dim) = ({out_caps}, {out_dim}), "
+                         f"got {describe(bias)}")
+    _check_same(u, bias, "bias", where, first)

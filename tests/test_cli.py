@@ -22,8 +22,8 @@ def test_check_command_passes_and_prints_the_table():
         assert f"\n{backend} " in result.stdout
 
 
-def _off_by_a_little(u, weight, bias, iterations, detach_routing):
-    v, s, kept_u_hat = torch_kernels.routing_forward(u, weight, bias, iterations, detach_routing)
+def _off_by_a_little(u, weight, bias, iterations, detach_routing, leaky):
+    v, s, kept_u_hat = torch_kernels.routing_forward(u, weight, bias, iterations, detach_routing, leaky)
     return v * (1 + 1e-3), s, kept_u_hat
 
 

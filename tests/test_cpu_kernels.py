@@ -186,13 +186,13 @@ def test_kept_u_hat_gives_the_recomputing_backward(in_dim, dtype, detach, batch)
     u = fastcaps.squash(torch.randn(batch, 37, in_dim, generator=g, dtype=dtype))
     weight = torch.randn(4, 37, 6, in_dim, generator=g, dtype=dtype) * 0.3
     bias = torch.randn(4, 6, generator=g, dtype=dtype) * 0.3
-    v, s, kept_u_hat = cpu_kernels.routing_forward(u, weight, bias, 3, detach)
+    v, s, kept_u_hat = cpu_kernels.routing_forward(u, weight, bias, 3, detach, detach)
     lanes = torch.ops.fastcaps._routing_cpu_kept_layout(dtype)[0]
     assert lanes * dtype.itemsize in (64, 32, 16)  # one vector of the build: AVX-512, AVX2, baseline
     assert kept_u_hat.numel() == batch * -(-37 // lanes) * lanes * 4 * 6
     grad_v = torch.randn(v.shape, generator=g, dtype=dtype)
-    kept = cpu_kernels.routing_backward(grad_v, u, weight, bias, s, kept_u_hat, 3, detach)
-    recomputed = cpu_kernels.routing_backward(grad_v, u, weight, bias, s, kept_u_hat[:0], 3, detach)
+    kept = cpu_kernels.routing_backward(grad_v, u, weight, bias, s, kept_u_hat, 3, detach, detach)
+    recomputed = cpu_kernels.routing_backward(grad_v, u, weight, bias, s, kept_u_hat[:0], 3, detach, detach)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-13
     for a, b in zip(kept, recomputed):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
@@ -201,7 +201,7 @@ def test_kept_u_hat_gives_the_recomputing_backward(in_dim, dtype, detach, batch)
 def test_kept_u_hat_of_the_wrong_size_is_refused():
     u, weight = torch.randn(2, 5, 3), torch.randn(4, 5, 6, 3)
     with pytest.raises(RuntimeError, match="kept_u_hat must be empty or hold batch"):
-        torch.ops.fastcaps.routing_cpu_forward(u, weight, torch.empty(0), 3, torch.empty(7))
+        torch.ops.fastcaps.routing_cpu_forward(u, weight, torch.empty(0), 3, False, torch.empty(7))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

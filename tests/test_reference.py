@@ -127,3 +127,16 @@ def test_detach_changes_gradients_not_values():
     grad_attached = torch.autograd.grad(attached.sum(), weight)[0]
     grad_detached = torch.autograd.grad(detached.sum(), weight)[0]
     assert not torch.allclose(grad_attached, grad_detached)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_leaky_routing_is_routing_with_a_zero_orphan_parent(iterations):
+    """Leaky routing's extra zero logit is an output capsule whose weights and bias are zero:
+    its votes are 0, so its logit stays 0 and it only takes a share of each coupling."""
+    u, weight, bias, _ = make_inputs(RoutingShape(3, 37, 5, 4, 6), 0, bias=True)
+    v = reference.dynamic_routing(u, weight, bias, iterations, leaky=True)
+    with_orphan = reference.dynamic_routing(u, torch.cat([weight, torch.zeros_like(weight[:1])]),
+                                            torch.cat([bias, torch.zeros_like(bias[:1])]), iterations)
+    torch.testing.assert_close(v, with_orphan[:, :4], rtol=1e-14, atol=1e-15)
+    _, couplings = reference.dynamic_routing(u, weight, bias, iterations, leaky=True, return_couplings=True)
+    assert torch.all(couplings[0] == 1 / 5) and torch.all(couplings[-1].sum(dim=2) < 1)

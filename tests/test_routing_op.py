@@ -51,14 +51,14 @@ def test_gradcheck(iterations, detach, with_bias, backend):
 @pytest.mark.parametrize("backend", KERNELS)
 def test_opcheck_routing_and_backward(with_bias, dtype, backend):
     u, weight, bias = _small_inputs(dtype=dtype, bias=with_bias)
-    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, backend))
-    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 2, True, backend))
-    v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
+    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, False, backend))
+    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 2, True, True, backend))
+    v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, bias, 3, False, False, backend)
     grad_v = torch.randn_like(v)
     torch.library.opcheck(
         torch.ops.fastcaps.routing_backward.default,
         (grad_v, u.detach(), weight.detach(), None if bias is None else bias.detach(), s, kept_u_hat, 3, False,
-         backend),
+         True, backend),
     )
 
 
@@ -66,7 +66,7 @@ def test_opcheck_routing_and_backward(with_bias, dtype, backend):
 @pytest.mark.parametrize("backend", KERNELS)
 def test_saved_state_is_s_per_iteration_and_small_batches_u_hat(backend, batch):
     u, weight, bias = _small_inputs(batch=batch, in_caps=21)
-    v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, bias, 3, False, backend)
+    v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, bias, 3, False, False, backend)
     assert s.shape == (batch, 3, 4, 3) and not s.requires_grad and not kept_u_hat.requires_grad
     # s[:, t] is the pre-squash sum of iteration t: the last one squashes to v.
     torch.testing.assert_close(fastcaps.squash(s[:, -1]), v)
@@ -128,7 +128,7 @@ def test_batches_larger_than_one_chunk(monkeypatch):
 def test_unknown_kernel_name_is_refused_by_the_op():
     u, weight, bias = _small_inputs()
     with pytest.raises(ValueError, match="backend='nope' has no kernel"):
-        ops.routing(u, weight, bias, 3, False, "nope")
+        ops.routing(u, weight, bias, 3, False, False, "nope")
 
 
 def test_fake_tensors_give_shapes_and_dtypes():
@@ -137,7 +137,7 @@ def test_fake_tensors_give_shapes_and_dtypes():
     with FakeTensorMode():
         u = torch.empty(6, 11, 4, dtype=torch.float16)
         weight = torch.empty(3, 11, 7, 4, dtype=torch.float16)
-        v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, None, 2, False, "torch")
+        v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, None, 2, False, False, "torch")
         assert kept_u_hat.shape == (0,)
         assert v.shape == (6, 3, 7) and v.dtype == torch.float16
         assert s.shape == (6, 2, 3, 7) and s.dtype == torch.float32
@@ -150,9 +150,9 @@ def test_fake_gives_the_kernels_kept_u_hat_size(backend, batch):
     kernel keeps (the C++ kernels keep u_hat up to 4 samples, in their own lane layout)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    real = torch.ops.fastcaps.routing(torch.randn(batch, 21, 2), torch.randn(4, 21, 3, 2), None, 3, False, backend)
+    real = torch.ops.fastcaps.routing(torch.randn(batch, 21, 2), torch.randn(4, 21, 3, 2), None, 3, False, False, backend)
     with FakeTensorMode():
-        fake = torch.ops.fastcaps.routing(torch.empty(batch, 21, 2), torch.empty(4, 21, 3, 2), None, 3, False, backend)
+        fake = torch.ops.fastcaps.routing(torch.empty(batch, 21, 2), torch.empty(4, 21, 3, 2), None, 3, False, False, backend)
     assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real]
     assert [t.dtype for t in fake] == [t.dtype for t in real]
 
@@ -174,4 +174,4 @@ def test_the_op_refuses_a_backend_that_cannot_run(monkeypatch):
     monkeypatch.setattr(backends._extension, "problem", lambda: "the C++ extension is missing")
     u, weight, bias = _small_inputs()
     with pytest.raises(RuntimeError, match="backend='cpu' cannot run on cpu: the C\\+\\+ extension is missing"):
-        ops.routing(u, weight, bias, 3, False, "cpu")
+        ops.routing(u, weight, bias, 3, False, False, "cpu")

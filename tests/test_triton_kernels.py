@@ -34,9 +34,14 @@ SMALL_SHAPES = [RoutingShape(1, 1, 1, 1, 1), RoutingShape(3, 7, 3, 3, 5), Routin
                 RoutingShape(17, 9, 8, 10, 16)]
 OPTIONS = [(r, detach, bias) for r, detach, bias in itertools.product((1, 2, 3), (False, True), (False, True))
            if not (r == 1 and detach)]  # r = 1 with detach is r = 1 without it
+OPTIONS += [(2, False, True, True), (3, True, False, True)]  # leaky routing: only the softmax differs
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: f"r{o[0]}{'-detach' if o[1] else ''}{'-bias' if o[2] else ''}")
+def _options_id(o):
+    return f"r{o[0]}{'-detach' if o[1] else ''}{'-bias' if o[2] else ''}{'-leaky' if o[3:] == (True,) else ''}"
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=_options_id)
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: str(s).replace(" ", "-"))
 def test_values_and_gradients_match_the_reference(shape, options):
     case = check.Case(shape, *options)
@@ -247,11 +252,11 @@ def test_gradcheck_float64(iterations):
 
 def test_opcheck():
     u, weight, bias, grad_v = _inputs(RoutingShape(3, 5, 2, 4, 3), torch.float32)
-    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, "triton"))
-    v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, bias, 3, False, "triton")
+    torch.library.opcheck(torch.ops.fastcaps.routing.default, (u, weight, bias, 3, False, True, "triton"))
+    v, s, kept_u_hat = torch.ops.fastcaps.routing(u, weight, bias, 3, False, False, "triton")
     assert kept_u_hat.numel() == 0  # the Triton backward recomputes u_hat
     torch.library.opcheck(torch.ops.fastcaps.routing_backward.default,
-                          (grad_v, u, weight, bias, s, kept_u_hat, 3, False, "triton"))
+                          (grad_v, u, weight, bias, s, kept_u_hat, 3, False, False, "triton"))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -406,8 +411,8 @@ def test_the_launchers_call_nothing_that_syncs_with_the_device():
     u, weight, bias, grad_v = _inputs(RoutingShape(3, 7, 3, 3, 5))
     with Watch():  # the launchers themselves: the custom op's dispatch would hide them from the mode
         for detach in (False, True):
-            v, s, kept = launchers.routing_forward(u, weight, bias, 3, detach)
-            launchers.routing_backward(grad_v, u, weight, bias, s, kept, 3, detach)
+            v, s, kept = launchers.routing_forward(u, weight, bias, 3, detach, detach)
+            launchers.routing_backward(grad_v, u, weight, bias, s, kept, 3, detach, detach)
     assert not calls, calls
 
 
@@ -431,3 +436,16 @@ def test_float32_dot_precision_option(monkeypatch):
     monkeypatch.setenv(configs.FLOAT32_DOT_VARIABLE, "tf32")
     with pytest.raises(ValueError, match="FASTCAPS_TRITON_FLOAT32_DOT='tf32': expected one of ieee, tf32x3"):
         configs.pass_launch(config, torch.float32, shape, False)
+
+
+@pytest.mark.parametrize("shape, options", [(check.CONV_SHAPES[0], (3, False, True, True)),
+                                            (check.CONV_SHAPES[2], (2, True, False, False))],
+                         ids=["stride2-padding-r3-bias-leaky", "dilated-r2-detach"])
+def test_convolutional_routing_on_the_triton_kernels(shape, options):
+    """conv_dynamic_routing runs the dense kernels on gathered windows (stride 2 and padding;
+    a rectangular dilated window), against the float64 reference."""
+    case = check.Case(shape, *options)
+    oracle = check.oracle_for(case, 5)
+    for dtype in (torch.float32, torch.float64):
+        row = check.check_case("triton", case, dtype, 5, oracle, device=DEVICE)
+        assert row.passed, check.format_row(row)

@@ -88,9 +88,10 @@ FASTCAPS_INLINE void prediction_gradients(const Dims& d, const BackwardState<T>&
   Vec<T>* lg = scratch.logit_grads.data();
   for (int64_t t = state.first; t < r; ++t) {
     if (t > state.first)
-      couplings_and_logit_gradients<T>(uh, state.v_sum_at(b, t), state.sigma_at(b, t), J, D, c + t * J, lg + t * J);
+      couplings_and_logit_gradients<T>(uh, state.v_sum_at(b, t), state.sigma_at(b, t), J, D, d.leaky, c + t * J,
+                                       lg + t * J);
     else
-      couplings<T>(uh, state.v_sum_at(b, t), J, D, c + t * J);
+      couplings<T>(uh, state.v_sum_at(b, t), J, D, d.leaky, c + t * J);
   }
   with_gradient_terms(r - state.first, [&](auto terms) __attribute__((always_inline)) {
     sum_gradient_terms<T, terms()>(state, b, c, lg, J, D, g);

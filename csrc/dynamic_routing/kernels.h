@@ -21,7 +21,7 @@
 
 FASTCAPS_KERNELS_BEGIN
 
-Dims dims_of(const at::Tensor& u, const at::Tensor& weight, int64_t iterations) {
+Dims dims_of(const at::Tensor& u, const at::Tensor& weight, int64_t iterations, bool leaky) {
   TORCH_CHECK(u.dim() == 3, "routing_cpu: u must be (batch, in_caps, in_dim), got ", u.sizes());
   TORCH_CHECK(weight.dim() == 4, "routing_cpu: weight must be (out_caps, in_caps, out_dim, in_dim), got ",
               weight.sizes());
@@ -30,7 +30,7 @@ Dims dims_of(const at::Tensor& u, const at::Tensor& weight, int64_t iterations) 
               weight.sizes(), " does not match u of shape ", u.sizes());
   TORCH_CHECK(u.scalar_type() == weight.scalar_type(), "routing_cpu: u and weight must share a dtype");
   TORCH_INTERNAL_ASSERT(u.is_contiguous() && weight.is_contiguous(), "routing_cpu: the launcher passes contiguous tensors");
-  return Dims{u.size(0), u.size(1), u.size(2), weight.size(0), weight.size(2), iterations};
+  return Dims{u.size(0), u.size(1), u.size(2), weight.size(0), weight.size(2), iterations, leaky};
 }
 
 // The forward's u_hat kept for the backward in `kept_u_hat` (B x blocks x jd vectors), or
@@ -53,9 +53,9 @@ namespace fastcaps {
 namespace FASTCAPS_ISA {
 
 std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, const at::Tensor& weight,
-                                                       const at::Tensor& bias, int64_t iterations,
+                                                       const at::Tensor& bias, int64_t iterations, bool leaky,
                                                        const at::Tensor& kept_u_hat) {
-  const Dims d = dims_of(u, weight, iterations);
+  const Dims d = dims_of(u, weight, iterations, leaky);
   TORCH_CHECK(bias.numel() == 0 || (bias.numel() == d.jd() && bias.is_contiguous() && bias.scalar_type() == u.scalar_type()),
               "routing_cpu: bias must be empty or a contiguous (out_caps, out_dim) tensor of u's dtype");
   at::Tensor v = at::empty({d.batch, d.out_caps, d.out_dim}, u.options());
@@ -73,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Tensor& grad_v, const at::Tensor& u,
                                                                     const at::Tensor& weight, const at::Tensor& s,
                                                                     const at::Tensor& kept_u_hat, int64_t iterations,
-                                                                    bool detach_routing) {
-  const Dims d = dims_of(u, weight, iterations);
+                                                                    bool detach_routing, bool leaky) {
+  const Dims d = dims_of(u, weight, iterations, leaky);
   TORCH_INTERNAL_ASSERT(grad_v.is_contiguous() && s.is_contiguous());
   TORCH_CHECK(grad_v.numel() == d.batch * d.jd() && s.numel() == d.batch * d.iterations * d.jd(),
               "routing_cpu: grad_v or s has the wrong size for u and weight");

@@ -17,6 +17,7 @@ FASTCAPS_KERNELS_BEGIN
 
 struct Dims {
   int64_t batch, in_caps, in_dim, out_caps, out_dim, iterations;
+  bool leaky;  // leaky routing: a zero logit joins every capsule's softmax over J (DESIGN.md section 7)
   int64_t jd() const { return out_caps * out_dim; }
   template <typename T>
   int64_t blocks() const { return (in_caps + kLanes<T> - 1) / kLanes<T>; }

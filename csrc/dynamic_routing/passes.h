@@ -131,12 +131,17 @@ FASTCAPS_INLINE void capsule_dots(const Vec<T>* uh, const T* const* a, int64_t J
   }
 }
 
-// c[j] = softmax_j(c[j]) lane-wise.
+// c[j] = softmax_j(c[j]) lane-wise; with leaky, over the J logits and one more of 0, which
+// is then dropped: exp(c_j) / (1 + sum_k exp(c_k)).
 template <typename T>
-FASTCAPS_INLINE void softmax_over_capsules(int64_t J, Vec<T>* c) {
+FASTCAPS_INLINE void softmax_over_capsules(int64_t J, bool leaky, Vec<T>* c) {
   Vec<T> largest = c[0];
   for (int64_t j = 1; j < J; ++j) largest = c[j] > largest ? c[j] : largest;
   Vec<T> total = {};
+  if (leaky) {
+    largest = largest > T(0) ? largest : Vec<T>{};
+    total = exp_nonpositive<T>(-largest);
+  }
   for (int64_t j = 0; j < J; ++j) {
     c[j] = exp_nonpositive<T>(c[j] - largest);
     total += c[j];
@@ -154,26 +159,27 @@ FASTCAPS_INLINE void logit_gradients_from_gammas(const Vec<T>* c, int64_t J, Vec
   for (int64_t j = 0; j < J; ++j) delta[j] = c[j] * (delta[j] - mean);
 }
 
-// c[j] = softmax_j(uh_j . v_sum_j) lane-wise; uniform 1/J when v_sum is null (first pass).
+// c[j] = softmax_j(uh_j . v_sum_j) lane-wise; uniform 1/J (1/(J+1) with leaky) when v_sum is
+// null (first pass).
 template <typename T>
-FASTCAPS_INLINE void couplings(const Vec<T>* uh, const T* v_sum, int64_t J, int64_t D, Vec<T>* c) {
+FASTCAPS_INLINE void couplings(const Vec<T>* uh, const T* v_sum, int64_t J, int64_t D, bool leaky, Vec<T>* c) {
   if (v_sum == nullptr) {
-    for (int64_t j = 0; j < J; ++j) c[j] = Vec<T>{} + T(1) / T(J);
+    for (int64_t j = 0; j < J; ++j) c[j] = Vec<T>{} + T(1) / T(J + leaky);
     return;
   }
   capsule_dots<T, 1>(uh, &v_sum, J, D, &c);
-  softmax_over_capsules<T>(J, c);
+  softmax_over_capsules<T>(J, leaky, c);
 }
 
 // The couplings c of an iteration past the first (v_sum not null) and their logit gradients
 // delta (logit_gradients_from_gammas), both dot products taken in one read of uh.
 template <typename T>
 FASTCAPS_INLINE void couplings_and_logit_gradients(const Vec<T>* uh, const T* v_sum, const T* sigma, int64_t J,
-                                                   int64_t D, Vec<T>* c, Vec<T>* delta) {
+                                                   int64_t D, bool leaky, Vec<T>* c, Vec<T>* delta) {
   const T* a[2] = {v_sum, sigma};
   Vec<T>* out[2] = {c, delta};
   capsule_dots<T, 2>(uh, a, J, D, out);
-  softmax_over_capsules<T>(J, c);
+  softmax_over_capsules<T>(J, leaky, c);
   logit_gradients_from_gammas<T>(c, J, delta);
 }
 
@@ -257,9 +263,9 @@ void sweep_chunk(const Packed<T>& p, const Tile<T>& tile, const Vec<T>* chunk_we
     for (int64_t s = 0; s < n; ++s) {
       const Pass<T>& pass = tile.pass[s];
       if (pass.sigma == nullptr) {
-        couplings<T>(uh[s], pass.v_sum, J, D, capsule_weights(s, blk));
+        couplings<T>(uh[s], pass.v_sum, J, D, p.d.leaky, capsule_weights(s, blk));
       } else {
-        couplings_and_logit_gradients<T>(uh[s], pass.v_sum, pass.sigma, J, D, scratch.couplings.data(),
+        couplings_and_logit_gradients<T>(uh[s], pass.v_sum, pass.sigma, J, D, p.d.leaky, scratch.couplings.data(),
                                          capsule_weights(s, blk));
       }
     }

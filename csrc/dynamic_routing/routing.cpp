@@ -13,6 +13,7 @@
 //   weight  (J, I, D, Din)   the DigitCaps layout
 //   bias    (J, D) or an empty tensor
 //   s       (B, r, J, D)     each iteration's pre-squash sum, saved for the backward
+//   leaky   leaky routing: each capsule's softmax over J has one more, zero logit
 //
 // SIMD across input capsules. Capsules are taken in blocks of kLanes (one vector of T: 16
 // floats in the AVX-512 build, 8 in AVX2, 4 in the baseline; the last block is zero-padded),
@@ -54,10 +55,10 @@ namespace fastcaps {
   namespace isa {                                                                                           \
   std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, const at::Tensor& weight,      \
                                                          const at::Tensor& bias, int64_t iterations,        \
-                                                         const at::Tensor& kept_u_hat);                      \
+                                                         bool leaky, const at::Tensor& kept_u_hat);          \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(                                      \
       const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& weight, const at::Tensor& s,         \
-      const at::Tensor& kept_u_hat, int64_t iterations, bool detach_routing);                               \
+      const at::Tensor& kept_u_hat, int64_t iterations, bool detach_routing, bool leaky);                   \
   std::tuple<int64_t, int64_t> kept_layout(c10::ScalarType dtype);                                          \
   }
 #if defined(FASTCAPS_X86_BUILDS)
@@ -123,16 +124,16 @@ const Build& chosen() {
 }
 
 std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, const at::Tensor& weight,
-                                                       const at::Tensor& bias, int64_t iterations,
+                                                       const at::Tensor& bias, int64_t iterations, bool leaky,
                                                        const at::Tensor& kept_u_hat) {
-  return chosen().forward(u, weight, bias, iterations, kept_u_hat);
+  return chosen().forward(u, weight, bias, iterations, leaky, kept_u_hat);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Tensor& grad_v, const at::Tensor& u,
                                                                     const at::Tensor& weight, const at::Tensor& s,
                                                                     const at::Tensor& kept_u_hat, int64_t iterations,
-                                                                    bool detach_routing) {
-  return chosen().backward(grad_v, u, weight, s, kept_u_hat, iterations, detach_routing);
+                                                                    bool detach_routing, bool leaky) {
+  return chosen().backward(grad_v, u, weight, s, kept_u_hat, iterations, detach_routing, leaky);
 }
 
 // (lanes, samples) of the build that runs: the launcher and the op's fake tensor read the

@@ -22,6 +22,7 @@ def dynamic_routing(
     detach_routing: bool = False,
     backend: str = "auto",
     *,
+    leaky: bool = False,
     detach: Optional[bool] = None,
 ) -> Tensor:
     """Routing-by-agreement (Sabour et al. 2017, Procedure 1) from u to v.
@@ -34,6 +35,9 @@ def dynamic_routing(
         detach_routing: stop the gradient through the routing (every iteration but the
             last runs on detached predictions and bias, so the final couplings are constants).
         backend: "auto" or one of ``fastcaps.BACKENDS``; see ``fastcaps.backends``.
+        leaky: leaky routing, as the official TensorFlow code's ``_leaky_routing``: each input
+            capsule's softmax over the outputs has one more, all-zero logit (an "orphan"
+            parent), dropped afterwards, so c_ij = exp(b_ij) / (1 + sum_k exp(b_ik)).
         detach: the old name of ``detach_routing`` (deprecated).
 
     Returns:
@@ -41,9 +45,9 @@ def dynamic_routing(
         are computed in float32 by every backend, the reference included.
     """
     detach_routing = renamed_detach(detach_routing, detach, "fastcaps.dynamic_routing")
-    check_routing_args(u, weight, bias, iterations, detach_routing)
+    check_routing_args(u, weight, bias, iterations, detach_routing, leaky)
     backend = resolve_backend(backend, u.device)
     if backend == "reference":
-        return reference.route(u, weight, bias, iterations, detach_routing, upcast=True)
-    v, _, _ = ops.routing(u, weight, bias, iterations, detach_routing, backend)
+        return reference.route(u, weight, bias, iterations, detach_routing, upcast=True, leaky=leaky)
+    v, _, _ = ops.routing(u, weight, bias, iterations, detach_routing, leaky, backend)
     return v

@@ -12,14 +12,15 @@ and a new backend needs one registry entry (docs/architecture.md).
 
 The contract of a dynamic-routing kernel pair (every backend, forward and backward):
 
-    forward(u, weight, bias, iterations, detach_routing) -> (v, s, kept_u_hat)
+    forward(u, weight, bias, iterations, detach_routing, leaky) -> (v, s, kept_u_hat)
         u (B, I, Din) and weight (J, I, D, Din) in one floating dtype, bias (J, D) or None;
         v (B, J, D) in u's dtype; s (B, r, J, D), each iteration's pre-squash sum, in the
         compute dtype (``compute_dtype``: float32 for half inputs); kept_u_hat, what the
         kernel keeps of u_hat for its own backward, in its own layout: a 1-D tensor of
         ``kept_numel(...)`` elements of the compute dtype, empty for kernels that keep
-        nothing. ``detach_routing`` changes only the backward.
-    backward(grad_v, u, weight, bias, s, kept_u_hat, iterations, detach_routing)
+        nothing. ``detach_routing`` changes only the backward; ``leaky`` adds a zero logit to
+        every child's softmax over the parents (DESIGN.md section 7).
+    backward(grad_v, u, weight, bias, s, kept_u_hat, iterations, detach_routing, leaky)
         -> (grad_u, grad_weight, grad_bias), in the dtypes of u, weight and weight;
         grad_bias is (J, D) even without a bias.
     kept_numel(batch, in_caps, out_caps, out_dim, dtype) -> int

@@ -5,8 +5,8 @@ registration; the ``backend`` argument picks the kernels (``fastcaps.backends.ke
 Callers resolve "auto" before calling (``fastcaps.functional.dynamic_routing`` does), so the
 op always receives a concrete backend, and the backward runs the same backend as the forward.
 
-    routing(u, weight, bias?, iterations, detach_routing, backend) -> (v, s, kept_u_hat)
-    routing_backward(grad_v, u, weight, bias?, s, kept_u_hat, iterations, detach_routing, backend)
+    routing(u, weight, bias?, iterations, detach_routing, leaky, backend) -> (v, s, kept_u_hat)
+    routing_backward(grad_v, u, weight, bias?, s, kept_u_hat, iterations, detach_routing, leaky, backend)
         -> (grad_u, grad_weight, grad_bias)
 
 Shapes, dtypes and what kept_u_hat is: the kernel contract, fastcaps/kernels/__init__.py.
@@ -31,13 +31,14 @@ def routing(
     bias: Optional[Tensor],
     iterations: int,
     detach_routing: bool,
+    leaky: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return kernels(backend, device=u.device).forward(u, weight, bias, iterations, detach_routing)
+    return kernels(backend, device=u.device).forward(u, weight, bias, iterations, detach_routing, leaky)
 
 
 @routing.register_fake
-def _routing_fake(u, weight, bias, iterations, detach_routing, backend):
+def _routing_fake(u, weight, bias, iterations, detach_routing, leaky, backend):
     out_caps, in_caps, out_dim, _ = weight.shape
     batch = u.shape[0]
     dtype = compute_dtype(u.dtype)
@@ -57,32 +58,33 @@ def routing_backward(
     kept_u_hat: Tensor,
     iterations: int,
     detach_routing: bool,
+    leaky: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     return kernels(backend, device=u.device).backward(grad_v, u, weight, bias, s, kept_u_hat, iterations,
-                                                      detach_routing)
+                                                      detach_routing, leaky)
 
 
 @routing_backward.register_fake
-def _routing_backward_fake(grad_v, u, weight, bias, s, kept_u_hat, iterations, detach_routing, backend):
+def _routing_backward_fake(grad_v, u, weight, bias, s, kept_u_hat, iterations, detach_routing, leaky, backend):
     out_caps, _, out_dim, _ = weight.shape
     return torch.empty_like(u), torch.empty_like(weight), weight.new_empty(out_caps, out_dim)
 
 
 def _setup_context(ctx, inputs, output):
-    u, weight, bias, iterations, detach_routing, backend = inputs
+    u, weight, bias, iterations, detach_routing, leaky, backend = inputs
     _, s, kept_u_hat = output
     ctx.mark_non_differentiable(s, kept_u_hat)
     ctx.save_for_backward(u, weight, bias, s, kept_u_hat)
-    ctx.iterations, ctx.detach_routing, ctx.backend = iterations, detach_routing, backend
+    ctx.iterations, ctx.detach_routing, ctx.leaky, ctx.backend = iterations, detach_routing, leaky, backend
 
 
 def _backward(ctx, grad_v, _grad_s, _grad_kept_u_hat):
     u, weight, bias, s, kept_u_hat = ctx.saved_tensors
     grad_u, grad_weight, grad_bias = torch.ops.fastcaps.routing_backward(
-        grad_v, u, weight, bias, s, kept_u_hat, ctx.iterations, ctx.detach_routing, ctx.backend
+        grad_v, u, weight, bias, s, kept_u_hat, ctx.iterations, ctx.detach_routing, ctx.leaky, ctx.backend
     )
-    return grad_u, grad_weight, (None if bias is None else grad_bias), None, None, None
+    return grad_u, grad_weight, (None if bias is None else grad_bias), None, None, None, None
 
 
 routing.register_autograd(_backward, setup_context=_setup_context)

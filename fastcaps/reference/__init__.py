@@ -2,8 +2,11 @@
 
 One module per routing algorithm, each readable beside its paper and naive on purpose:
     dynamic_routing   Sabour, Frosst & Hinton (2017), Procedure 1
+    conv_routing      the same at every position of a grid, and from given votes
 """
 
-from .dynamic_routing import dynamic_routing, route, squash
+from .conv_routing import conv_dynamic_routing, route_conv, route_given_votes, route_votes
+from .dynamic_routing import dynamic_routing, leaky_softmax, route, route_predictions, squash
 
-__all__ = ["squash", "dynamic_routing", "route"]
+__all__ = ["squash", "dynamic_routing", "route", "route_predictions", "leaky_softmax", "conv_dynamic_routing",
+           "route_conv", "route_votes", "route_given_votes"]

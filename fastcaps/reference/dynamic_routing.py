@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..validation import check_routing_args, compute_dtype, renamed_detach
 
-__all__ = ["squash", "dynamic_routing", "route"]
+__all__ = ["squash", "dynamic_routing", "route", "route_predictions", "leaky_softmax"]
 
 
 def squash(s: Tensor, dim: int = -1) -> Tensor:
@@ -43,6 +43,7 @@ def dynamic_routing(
     return_couplings: bool = False,
     *,
     upcast: bool = False,
+    leaky: bool = False,
     detach: Optional[bool] = None,
 ) -> Union[Tensor, Tuple[Tensor, List[Tensor]]]:
     """Routing-by-agreement, Procedure 1 of the paper.
@@ -56,33 +57,40 @@ def dynamic_routing(
             last runs on u_hat and bias detached, so the last couplings c are constants.
         return_couplings: also return the couplings c of every iteration, each (B, I, J).
         upcast: compute float16/bfloat16 inputs in float32 and return their dtype.
+        leaky: leaky routing (``leaky_softmax``): each child's softmax over the parents has an
+            extra all-zero logit, so the first iteration's couplings are 1/(J+1).
         detach: the old name of ``detach_routing`` (deprecated).
 
     Returns:
         v, (B, J, D); with ``return_couplings`` the pair (v, [c_1, ..., c_r]).
     """
     detach_routing = renamed_detach(detach_routing, detach, "fastcaps.reference.dynamic_routing")
-    check_routing_args(u, weight, bias, iterations, detach_routing)
-    return route(u, weight, bias, iterations, detach_routing, return_couplings, upcast)
+    check_routing_args(u, weight, bias, iterations, detach_routing, leaky)
+    return route(u, weight, bias, iterations, detach_routing, return_couplings, upcast, leaky)
 
 
-def route(u, weight, bias=None, iterations=3, detach_routing=False, return_couplings=False, upcast=False):
+def route(u, weight, bias=None, iterations=3, detach_routing=False, return_couplings=False, upcast=False,
+          leaky=False):
     """``dynamic_routing`` without the argument checks, for callers that made them."""
     dtype = compute_dtype(u.dtype)
     if upcast and dtype != u.dtype:
         wide = route(u.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), iterations,
-                     detach_routing, return_couplings)
+                     detach_routing, return_couplings, leaky=leaky)
         if return_couplings:
             return wide[0].to(u.dtype), [c.to(u.dtype) for c in wide[1]]
         return wide.to(u.dtype)
-    batch, in_caps, _ = u.shape
-    out_caps = weight.shape[0]
-
     # u_hat[b, i, j] = W[j, i] @ u[b, i]: every input capsule's prediction of every output.
     u_hat = torch.einsum("jide,bie->bijd", weight, u)
+    return route_predictions(u_hat, bias, iterations, detach_routing, return_couplings, leaky)
+
+
+def route_predictions(u_hat, bias=None, iterations=3, detach_routing=False, return_couplings=False, leaky=False):
+    """Procedure 1 from the predictions u_hat, (B, I, J, D): the loop every routing reference
+    shares (dense, convolutional per position, and routing from given votes)."""
+    batch, in_caps, out_caps, _ = u_hat.shape
 
     # Logits b_ij start at zero for every sample, on every call.
-    logits = u.new_zeros(batch, in_caps, out_caps)
+    logits = u_hat.new_zeros(batch, in_caps, out_caps)
     couplings = []
     v = None
     for iteration in range(iterations):
@@ -91,7 +99,7 @@ def route(u, weight, bias=None, iterations=3, detach_routing=False, return_coupl
         bias_t = bias if (bias is None or last or not detach_routing) else bias.detach()
 
         # Each input capsule distributes itself over the OUTPUT capsules j.
-        c = torch.softmax(logits, dim=2)
+        c = leaky_softmax(logits, dim=2) if leaky else torch.softmax(logits, dim=2)
         couplings.append(c)
         s = (c.unsqueeze(-1) * u_hat_t).sum(dim=1)
         if bias_t is not None:
@@ -104,3 +112,11 @@ def route(u, weight, bias=None, iterations=3, detach_routing=False, return_coupl
     if return_couplings:
         return v, couplings
     return v
+
+
+def leaky_softmax(logits: Tensor, dim: int) -> Tensor:
+    """The official TensorFlow code's ``_leaky_routing``: softmax over ``dim`` with one more,
+    all-zero logit (an "orphan" parent) that is then dropped,
+    c_ij = exp(b_ij) / (1 + sum_k exp(b_ik)). The couplings of a child sum to less than 1."""
+    orphan = logits.new_zeros(logits.shape[:dim] + (1,) + logits.shape[dim + 1:])
+    return torch.softmax(torch.cat([logits, orphan], dim=dim), dim=dim).narrow(dim, 0, logits.shape[dim])

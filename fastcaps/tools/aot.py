@@ -158,10 +158,12 @@ def _recorded_launches(shape: RoutingShape, processors: int) -> Iterator[Tuple[t
                 for iterations in SPECIALISED_ITERATIONS:
                     for detach_routing in (False, True):
                         for has_bias in (False, True):
-                            v, s, kept = dynamic_routing.routing_forward(u, weight, bias if has_bias else None,
-                                                                         iterations, detach_routing)
-                            dynamic_routing.routing_backward(torch.zeros_like(v), u, weight, bias, s, kept,
-                                                             iterations, detach_routing)
+                            # leaky is an int argument: 1 is specialised as a constant, 0 is not.
+                            for leaky in (False, True):
+                                v, s, kept = dynamic_routing.routing_forward(
+                                    u, weight, bias if has_bias else None, iterations, detach_routing, leaky)
+                                dynamic_routing.routing_backward(torch.zeros_like(v), u, weight, bias, s, kept,
+                                                                 iterations, detach_routing, leaky)
     return iter(recorded)
 
 

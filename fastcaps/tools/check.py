@@ -1,6 +1,6 @@
 """Correctness check of every routing backend against the reference: ``fastcaps check``.
 
-For each case (shape, iterations, detach, bias) and dtype, a backend runs forward and
+For each case (shape, iterations, detach, bias, leaky) and dtype, a backend runs forward and
 backward on fresh random inputs and is compared with the oracle, the reference evaluated
 in float64. Errors are normwise: max|x - x_ref| / max|x_ref| per tensor, for v and the
 gradients of u, weight and bias. Every float64 row also checks the backend's gradients
@@ -15,15 +15,15 @@ import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from ..backends import BACKENDS, checked_by_default
-from ..cases import RoutingShape, make_inputs
-from ..functional import dynamic_routing
+from ..cases import ConvShape, RoutingShape, make_conv_inputs, make_inputs
+from ..functional import conv_dynamic_routing, dynamic_routing
 from .tables import format_table
 
 # Normwise relative tolerance per dtype, for v and every gradient.
@@ -35,14 +35,16 @@ _FD_STEP = 1e-6
 
 @dataclass(frozen=True)
 class Case:
-    shape: RoutingShape
+    shape: Union[RoutingShape, ConvShape]  # a ConvShape checks conv_dynamic_routing
     iterations: int
     detach_routing: bool
     bias: bool
+    leaky: bool = False
 
     @property
     def options(self) -> str:
-        return f"r={self.iterations}{' detach' if self.detach_routing else ''}{' bias' if self.bias else ''}"
+        return (f"r={self.iterations}{' detach' if self.detach_routing else ''}{' bias' if self.bias else ''}"
+                f"{' leaky' if self.leaky else ''}")
 
 
 @dataclass
@@ -65,18 +67,31 @@ class Row:
         return within and (self.error_fd is None or self.error_fd <= FD_TOLERANCE)
 
 
+# Leaky routing with a few of the other options, not all twelve: it changes only the softmax.
+_LEAKY_OPTIONS = ((1, False, True), (3, False, False), (3, True, True))
+
+
 def _options(shapes: Iterable[RoutingShape]) -> List[Case]:
-    return [
-        Case(shape, r, detach_routing, bias)
-        for shape, r, detach_routing, bias in itertools.product(shapes, (1, 2, 3), (False, True), (False, True))
-    ]
+    cases = []
+    for shape in shapes:
+        cases += [Case(shape, r, detach_routing, bias)
+                  for r, detach_routing, bias in itertools.product((1, 2, 3), (False, True), (False, True))]
+        cases += [Case(shape, r, detach_routing, bias, leaky=True) for r, detach_routing, bias in _LEAKY_OPTIONS]
+    return cases
+
+
+# Convolutional layers at odd sizes: stride 2, padding, K = 1, a rectangular dilated window,
+# and a window over the whole grid (DigitCaps as a convolution).
+CONV_SHAPES = [ConvShape(2, 3, 4, 7, 6, 4, 5, (3, 3), (2, 2), (1, 1)), ConvShape(3, 2, 3, 5, 5, 3, 4, (1, 1)),
+               ConvShape(1, 3, 2, 6, 7, 2, 3, (2, 3), (1, 2), (0, 1), (2, 1)), ConvShape(2, 2, 3, 4, 4, 3, 5, (4, 4))]
 
 
 def default_cases() -> List[Case]:
-    """MNIST DigitCaps at a small batch, and odd shapes, with every routing option."""
+    """MNIST DigitCaps at a small batch, odd shapes, and convolutional layers (CONV_SHAPES), with
+    every routing option."""
     shapes = [RoutingShape(5, 1152, 8, 10, 16), RoutingShape(1, 1, 1, 1, 1), RoutingShape(3, 7, 3, 3, 5),
               RoutingShape(17, 7, 8, 10, 16), RoutingShape(2, 33, 4, 4, 12)]
-    return _options(shapes)
+    return _options(shapes + CONV_SHAPES)
 
 
 def small_cases() -> List[Case]:
@@ -92,7 +107,8 @@ def full_cases() -> List[Case]:
 
 def case_inputs(case: Case, seed: int):
     """float64 (u, weight, bias or None, grad_v) with routing far from uniform couplings."""
-    return make_inputs(case.shape, seed, bias=case.bias)
+    make = make_conv_inputs if isinstance(case.shape, ConvShape) else make_inputs
+    return make(case.shape, seed, bias=case.bias)
 
 
 def _forward_backward(route: Callable, u, weight, bias, grad_v, dtype):
@@ -111,7 +127,8 @@ def normwise_error(value: Tensor, expected: Tensor) -> float:
     return difference / scale if scale > 0 else difference
 
 
-def _finite_difference_error(route: Callable, case: Case, u, weight, bias, grad_v, grads, seed: int) -> float:
+def _finite_difference_error(route: Callable, case: Case, u, weight, bias, grad_v, grads,
+                             seed: int) -> Optional[float]:
     """|(L(x + h d) - L(x - h d)) / 2h - <grad L, d>| / |<grad L, d>| for L = <grad_v, v>.
 
     With ``detach_routing`` the gradient is, by definition, that of the last iteration with
@@ -121,7 +138,10 @@ def _finite_difference_error(route: Callable, case: Case, u, weight, bias, grad_
     inputs = [u, weight] + ([bias] if bias is not None else [])
     directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in inputs]
     if case.detach_routing and case.iterations > 1:
-        _, couplings = reference.route(u, weight, bias, case.iterations, True, return_couplings=True)
+        if isinstance(case.shape, ConvShape):
+            return None  # the frozen forward below is the dense one; the oracle still checks these rows
+        _, couplings = reference.route(u, weight, bias, case.iterations, True, return_couplings=True,
+                                       leaky=case.leaky)
         frozen = couplings[-1]
 
         def route(u_, w_, b_):  # noqa: F811  (the frozen forward replaces the backend's)
@@ -142,9 +162,15 @@ def _finite_difference_error(route: Callable, case: Case, u, weight, bias, grad_
 def _router(backend: str, case: Case, device: str = "cpu") -> Callable:
     """Routing on ``device`` from CPU tensors and back: gradients reach the CPU leaves."""
 
+    shape = case.shape
+
     def route(u, w, b):
         u, w, b = (None if t is None else t.to(device) for t in (u, w, b))
-        return dynamic_routing(u, w, b, case.iterations, case.detach_routing, backend=backend).cpu()
+        if isinstance(shape, ConvShape):
+            return conv_dynamic_routing(u, w, b, case.iterations, shape.stride, shape.padding, shape.dilation,
+                                        case.detach_routing, case.leaky, backend).cpu()
+        return dynamic_routing(u, w, b, case.iterations, case.detach_routing, backend=backend,
+                               leaky=case.leaky).cpu()
 
     return route
 

@@ -24,10 +24,10 @@ from .. import RoutingKernels, compute_dtype
 
 _LIBRARY = torch.library.Library("fastcaps", "FRAGMENT")
 SCHEMAS = (
-    "routing_cpu_forward(Tensor u, Tensor weight, Tensor bias, int iterations, Tensor(a!) kept_u_hat) "
+    "routing_cpu_forward(Tensor u, Tensor weight, Tensor bias, int iterations, bool leaky, Tensor(a!) kept_u_hat) "
     "-> (Tensor, Tensor)",
     "routing_cpu_backward(Tensor grad_v, Tensor u, Tensor weight, Tensor s, Tensor kept_u_hat, int iterations, "
-    "bool detach_routing) -> (Tensor, Tensor, Tensor)",
+    "bool detach_routing, bool leaky) -> (Tensor, Tensor, Tensor)",
 )
 
 
@@ -62,26 +62,26 @@ def kept_numel(batch: int, in_caps: int, out_caps: int, out_dim: int, dtype: tor
 
 
 def routing_forward(
-    u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, detach_routing: bool
+    u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, detach_routing: bool, leaky: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dtype = compute_dtype(u.dtype)
     bias_flat = u.new_empty(0, dtype=dtype) if bias is None else bias.to(dtype).contiguous()
     out_caps, in_caps, out_dim, _ = weight.shape
     kept_u_hat = u.new_empty(kept_numel(u.shape[0], in_caps, out_caps, out_dim, dtype), dtype=dtype)
     v, s = torch.ops.fastcaps.routing_cpu_forward(
-        u.to(dtype).contiguous(), weight.to(dtype).contiguous(), bias_flat, iterations, kept_u_hat
+        u.to(dtype).contiguous(), weight.to(dtype).contiguous(), bias_flat, iterations, leaky, kept_u_hat
     )
     return v.to(u.dtype), s, kept_u_hat
 
 
 def routing_backward(
     grad_v: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], s: Tensor, kept_u_hat: Tensor,
-    iterations: int, detach_routing: bool,
+    iterations: int, detach_routing: bool, leaky: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dtype = s.dtype
     grad_u, grad_weight, grad_bias = torch.ops.fastcaps.routing_cpu_backward(
         grad_v.to(dtype).contiguous(), u.to(dtype).contiguous(), weight.to(dtype).contiguous(), s.contiguous(),
-        kept_u_hat, iterations, detach_routing,
+        kept_u_hat, iterations, detach_routing, leaky,
     )
     return grad_u.to(u.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 

@@ -51,14 +51,14 @@ def _on_device(u: Tensor):
 
 def _launch_pass(shape: RoutingShape, plan: configs.PassPlan, u: Tensor, weight: Tensor, v_sum: Tensor,
                  v_sum_stride: int, v_sum_rows: int, sigma: Optional[Tensor], sigma_stride: int,
-                 partial_dtype: torch.dtype, backward: bool) -> Tensor:
+                 partial_dtype: torch.dtype, backward: bool, leaky: bool) -> Tensor:
     """One pass over the input capsules for shape.batch samples; returns the
     (shape.batch, chunks, J, D) partials."""
     partial = u.new_empty(shape.batch, plan.chunks, shape.out_caps, shape.out_dim, dtype=partial_dtype)
     _run(configs.pass_launch(plan.config, u.dtype, shape, backward), plan.grid(shape.batch),
          u, weight, v_sum, v_sum if sigma is None else sigma, partial,
          shape.batch, shape.in_caps, shape.out_caps, shape.out_dim, shape.in_dim,
-         v_sum_stride, sigma_stride, v_sum_rows, plan.per_chunk, plan.chunks)
+         v_sum_stride, sigma_stride, v_sum_rows, plan.per_chunk, plan.chunks, int(leaky))
     return partial
 
 
@@ -69,7 +69,7 @@ def _prepare(u: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def routing_forward(
-    u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, detach_routing: bool
+    u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, detach_routing: bool, leaky: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(v, s, kept_u_hat): v (B, J, D) in u's dtype, s (B, r, J, D) in the compute dtype,
     kept_u_hat empty. ``detach_routing`` changes only the backward."""
@@ -95,7 +95,7 @@ def routing_forward(
                 # v_sum holds V_{t-1} for every row once t > 0; V_0 = 0 is not stored.
                 v_sum_rows = rows if t > 0 else 0
                 partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum, out_caps * out_dim,
-                                       v_sum_rows, None, 0, acc, backward=False)
+                                       v_sum_rows, None, 0, acc, backward=False, leaky=leaky)
                 _run(reduce, configs.reduce_grid(rows), partial, bias_k, s[start:stop], v_sum, v[start:stop],
                      rows, out_caps, out_dim, iterations, t, plan.chunks, v_sum_rows)
     return v, s, kept_u_hat
@@ -103,7 +103,7 @@ def routing_forward(
 
 def routing_backward(
     grad_v: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], s: Tensor, kept_u_hat: Tensor,
-    iterations: int, detach_routing: bool,
+    iterations: int, detach_routing: bool, leaky: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_u, grad_weight, grad_bias); grad_bias is (J, D) even without a bias."""
     acc = s.dtype
@@ -136,7 +136,7 @@ def routing_backward(
             reduce = configs.backward_reduce_launch(shape, False, acc)
             for t in range(iterations - 1, first_differentiable, -1):
                 partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum_part[:, t], iterations * jd,
-                                       rows, sigma_part[:, t], iterations * jd, acc, backward=True)
+                                       rows, sigma_part[:, t], iterations * jd, acc, backward=True, leaky=leaky)
                 _run(reduce, configs.reduce_grid(rows), partial, s_part, grad_v_part, carried, v_sum_part,
                      sigma_part, rows, out_caps, out_dim, iterations, t - 1, plan.chunks)
         # Phase B. Every element is written: program (i, split) writes grad u[split's rows, i]
@@ -151,7 +151,7 @@ def routing_backward(
         for first, last in configs.launch_ranges(in_caps):
             _run(final, (last - first, splits), u_k, weight_k, v_sum, sigma, grad_u_k, grad_w_k,
                  batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first,
-                 final_plan.samples_per_split, weight_k.numel() if splits > 1 else 0)
+                 final_plan.samples_per_split, weight_k.numel() if splits > 1 else 0, int(leaky))
         # The splits' partials: torch.sum, no atomics, so the same bits every run.
         grad_weight_k = grad_w_k if direct else grad_w_k.sum(dim=0)
         grad_bias = sigma[:, first_differentiable:].sum(dim=(0, 1))

@@ -137,13 +137,17 @@ def _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_
 
 
 @triton.jit
-def _couplings(u_hat, v_sum, caps_valid):
+def _couplings(u_hat, v_sum, caps_valid, leaky):
     """c[b, j] = softmax_j(u_hat[b, j] . V[b, j]) over the real output capsules; exactly
-    1/J when V = 0 (the first iteration)."""
+    1/J when V = 0 (the first iteration). With leaky (an int, 0 or 1) a zero logit joins
+    the softmax and is dropped: exp(b_j) / (1 + sum_k exp(b_k)), 1/(J+1) when V = 0."""
     logits = tl.sum(u_hat * v_sum, axis=2)
     logits = tl.where(caps_valid, logits, float("-inf"))
-    exps = tl.exp(logits - tl.max(logits, axis=1, keep_dims=True))
-    return exps / tl.sum(exps, axis=1, keep_dims=True)
+    largest = tl.max(logits, axis=1, keep_dims=True)
+    largest = tl.where(leaky != 0, tl.maximum(largest, 0.0), largest)
+    exps = tl.exp(logits - largest)
+    total = tl.sum(exps, axis=1, keep_dims=True) + tl.where(leaky != 0, tl.exp(-largest), 0.0)
+    return exps / total
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,6 +163,7 @@ def _routing_pass_kernel(
     partial_ptr,  # (B, chunks, J, D): this program writes [rows, chunk]
     batch, in_caps, out_caps, out_dim, in_dim,
     v_sum_stride, sigma_stride, v_sum_rows, caps_per_chunk, chunks,
+    leaky,  # 1: leaky routing (_couplings), else 0
     BACKWARD: tl.constexpr,  # False: sums c * u_hat (s_t); True: delta * u_hat (dL/dV_{t-1})
     BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr, DIN_PAD: tl.constexpr,
     DIN_TILE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -181,7 +186,7 @@ def _routing_pass_kernel(
     for capsule in range(first, last):
         u_hat = _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
                          BLOCK_B, J_PAD, D_PAD, DIN_PAD, DIN_TILE, USE_DOT, ACC, DOT_PRECISION)
-        c = _couplings(u_hat, v_sum, caps_valid)
+        c = _couplings(u_hat, v_sum, caps_valid, leaky)
         if BACKWARD:
             gamma = tl.sum(sigma * u_hat, axis=2)  # dL/dc
             weight = c * (gamma - tl.sum(c * gamma, axis=1, keep_dims=True))  # dL/dlogits
@@ -284,7 +289,7 @@ def _backward_reduce_kernel(
 
 @triton.jit
 def _grad_u_hat(u_hat, v_sum_ptr, sigma_ptr, rows, state_offsets, state_mask, jd, iterations,
-                first_differentiable, caps_valid, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr,
+                first_differentiable, caps_valid, leaky, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr,
                 D_PAD: tl.constexpr, DETACH_ROUTING: tl.constexpr, ACC: tl.constexpr):
     """g = dL/du_hat for a block of samples, (BLOCK_B, J_PAD * D_PAD):
     sum_t c_t[j] sigma_t[j] + delta_t[j] V_{t-1}[j] (the delta term not with DETACH_ROUTING)."""
@@ -293,7 +298,7 @@ def _grad_u_hat(u_hat, v_sum_ptr, sigma_ptr, rows, state_offsets, state_mask, jd
         offsets = (rows * iterations + t) * jd + state_offsets
         v_sum = tl.load(v_sum_ptr + offsets, mask=state_mask, other=0.0)
         sigma = tl.load(sigma_ptr + offsets, mask=state_mask, other=0.0)
-        c = _couplings(u_hat, v_sum, caps_valid)
+        c = _couplings(u_hat, v_sum, caps_valid, leaky)
         grad_u_hat += c[:, :, None] * sigma
         if not DETACH_ROUTING:
             gamma = tl.sum(sigma * u_hat, axis=2)
@@ -334,6 +339,7 @@ def _routing_final_kernel(
     grad_w_ptr,  # (splits, J, I, D, Din): weight's dtype with one split and W resident, else acc
     batch, in_caps, out_caps, out_dim, in_dim, iterations, first_differentiable, first_capsule,
     samples_per_split, grad_w_split_stride,
+    leaky,  # 1: leaky routing (_couplings), else 0
     DETACH_ROUTING: tl.constexpr, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
     DIN_PAD: tl.constexpr, DIN_TILE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -376,7 +382,8 @@ def _routing_final_kernel(
             u_hat = _predict(u_ptr, w_ptr, rows, capsule, last_row, in_caps, out_caps, out_dim, in_dim,
                              BLOCK_B, J_PAD, D_PAD, DIN_PAD, DIN_TILE, USE_DOT, ACC, DOT_PRECISION)
         grad_flat = _grad_u_hat(u_hat, v_sum_ptr, sigma_ptr, rows, state_offsets, state_mask, jd, iterations,
-                                first_differentiable, caps_valid, BLOCK_B, J_PAD, D_PAD, DETACH_ROUTING, ACC)
+                                first_differentiable, caps_valid, leaky, BLOCK_B, J_PAD, D_PAD, DETACH_ROUTING,
+                                ACC)
         if W_RESIDENT:
             grad_u_rows, grad_w_part = _grad_products(grad_flat, u_acc, w_acc, USE_DOT, ACC)
             grad_weight += grad_w_part

@@ -41,19 +41,25 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ... import reference
 from ...backends import auto_order, available_backends
-from ...cases import RoutingShape, make_inputs
-from ...functional import dynamic_routing
+from ...cases import ConvShape, RoutingShape, VotesShape
+from .workloads import SHAPES, provider_runs, workload
 
 MODES = ("forward", "forward+backward")
 
-# The capsule dimensions of each case; the batch comes from the grid (RoutingShape.with_batch).
-CASES: Dict[str, RoutingShape] = {
+# The capsule dimensions of each case; the batch comes from the grid (with_batch). "conv" and
+# "votes" are opt-in (--case): their reference materializes 115 MB and 23 MB of votes per sample.
+CASES: Dict[str, object] = {
     "small": RoutingShape(1, 288, 4, 5, 12),
     "mnist": RoutingShape(1, 1152, 8, 10, 16),  # the paper's DigitCaps
     "large": RoutingShape(1, 4608, 8, 10, 16),  # PrimaryCaps on 40x40 images: 32 x 12 x 12 capsules
+    # 32 capsule types of 8D on 14 x 14, a 3 x 3 window, padding 1, 32 types of 16D out
+    "conv": ConvShape(1, 32, 8, 14, 14, 32, 16, (3, 3), (1, 1), (1, 1)),
+    # the votes of a 7 x 7 grid of such windows (288 children each), routed as given
+    "votes": VotesShape(1, 49, 288, 32, 16),
 }
+# The batches of a case when --batch is not given, where the method's (up to 128) would not fit.
+CASE_BATCHES: Dict[str, List[int]] = {"conv": [1, 8], "votes": [1, 8]}
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class Point:
     """One measurement: a shape (with its batch), a routing depth, a mode and a provider."""
 
     case: str
-    shape: RoutingShape
+    shape: object  # RoutingShape, ConvShape or VotesShape (workloads.py)
     iterations: int
     mode: str
     provider: str
@@ -84,46 +90,15 @@ def providers(device: str = "cpu") -> List[str]:
     return ["reference", "reference-compiled"] + [b for b in auto_order(torch.device(device)) if b in available]
 
 
-def flops(shape: RoutingShape, iterations: int, mode: str) -> float:
-    """DESIGN.md section 6: per sample, u_hat once (2 I J D Din) and the routing passes
-    (2 (2r - 1) I J D). Forward+backward counts three times the forward, the usual
-    convention for a layer whose backward does two products per forward product."""
-    per_sample = 2 * shape.in_caps * shape.out_caps * shape.out_dim * shape.in_dim
-    per_sample += 2 * (2 * iterations - 1) * shape.in_caps * shape.out_caps * shape.out_dim
-    return shape.batch * per_sample * (3 if mode == "forward+backward" else 1)
+def flops(shape, iterations: int, mode: str) -> float:
+    """DESIGN.md section 6's arithmetic of a call (workloads.routing_flops)."""
+    return workload(shape).flops(shape, iterations, mode)
 
 
-def _raise_recompile_limit() -> None:
-    """Each benchmark point is a new static shape for the compiled reference; without this,
-    dynamo stops compiling after 8 shapes and silently runs eager."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), 4096))
-
-
-_compiled_reference: Optional[Callable] = None
-
-
-def _route_function(provider: str) -> Callable:
-    """(u, weight, iterations) -> v for a provider."""
-    global _compiled_reference
-    if provider == "reference":
-        return lambda u, weight, r: reference.route(u, weight, None, r, False)
-    if provider == "reference-compiled":
-        if _compiled_reference is None:
-            _raise_recompile_limit()
-            _compiled_reference = torch.compile(reference.route, dynamic=False, fullgraph=True)
-        compiled = _compiled_reference
-        return lambda u, weight, r: compiled(u, weight, None, r, False)
-    return lambda u, weight, r: dynamic_routing(u, weight, None, r, False, backend=provider)
-
-
-def point_inputs(point: Point, seed: int = 0):
-    """(u, weight): u like squashed primary capsules, weight at DigitCaps' initialisation scale."""
-    inputs = make_inputs(point.shape, seed, init="digitcaps", dtype=getattr(torch, point.dtype), device=point.device)
-    return inputs.u, inputs.weight
+def point_inputs(point: Point, seed: int = 0) -> List[torch.Tensor]:
+    """The point's leaves: (u, weight) for dynamic and convolutional routing, (votes,) for
+    route_votes (workloads.py)."""
+    return workload(point.shape).inputs(point.shape, seed, getattr(torch, point.dtype), point.device)
 
 
 @dataclass
@@ -138,21 +113,21 @@ def make_runner(point: Point) -> Runner:
     """The setup factory every provider and mode goes through: inputs, then a closure
     that runs one call (and synchronizes on CUDA). Its first call is made here, so
     compilation and autotuning are never timed."""
-    u, weight = point_inputs(point)
-    route = _route_function(point.provider)
-    synchronize = torch.cuda.synchronize if u.is_cuda else (lambda: None)
+    leaves = point_inputs(point)
+    route = workload(point.shape).route(point.provider, point.shape)
+    synchronize = torch.cuda.synchronize if leaves[0].is_cuda else (lambda: None)
     if point.mode == "forward":
         def run():
             with torch.no_grad():
-                route(u, weight, point.iterations)
+                route(*leaves, point.iterations)
             synchronize()
     elif point.mode == "forward+backward":
-        u.requires_grad_()
-        weight.requires_grad_()
+        for leaf in leaves:
+            leaf.requires_grad_()
 
         def run():
-            v = route(u, weight, point.iterations)
-            torch.autograd.grad(v, (u, weight), torch.ones_like(v))
+            v = route(*leaves, point.iterations)
+            torch.autograd.grad(v, leaves, torch.ones_like(v))
             synchronize()
     else:
         raise ValueError(f"mode must be one of {MODES}, got {point.mode!r}")
@@ -283,11 +258,14 @@ def _run_worker(flag: str, payload, what: str, timeout: float, env: Optional[dic
 
 
 def _point_to_json(point: Point) -> dict:
-    return asdict(point)
+    return {**asdict(point), "shape_kind": type(point.shape).__name__}
 
 
 def _point_from_json(fields: dict) -> Point:
-    return Point(**{**fields, "shape": RoutingShape(**fields["shape"])})
+    fields = dict(fields)
+    shape_type = SHAPES[fields.pop("shape_kind", "RoutingShape")]
+    shape = {key: tuple(value) if isinstance(value, list) else value for key, value in fields["shape"].items()}
+    return Point(**{**fields, "shape": shape_type(**shape)})
 
 
 # --- one measurement ---------------------------------------------------------------------
@@ -400,14 +378,17 @@ def group_key(point: Point) -> tuple:
     return (point.case, point.shape, point.iterations, point.mode, point.dtype, point.device)
 
 
-def points(cases: Sequence[str], batches: Sequence[int], iterations: Sequence[int],
+def points(cases: Sequence[str], batches: Optional[Sequence[int]], iterations: Sequence[int],
            modes: Sequence[str], provider_names: Sequence[str], dtype: str = "float32",
-           device: str = "cpu") -> List[Point]:
-    """The grid, reference first within each group so ratios have their denominator."""
+           device: str = "cpu", default_batches: Sequence[int] = (1, 128)) -> List[Point]:
+    """The grid, reference first within each group so ratios have their denominator. Without
+    ``batches`` each case takes CASE_BATCHES' or ``default_batches``; providers with no kernel
+    for a case's entry point (route_votes on "cpu") are left out of it."""
     return [
         Point(case, CASES[case].with_batch(batch), r, mode, provider, dtype, device)
-        for case in cases for batch in batches for r in iterations for mode in modes
-        for provider in provider_names
+        for case in cases for batch in (batches or CASE_BATCHES.get(case, default_batches))
+        for r in iterations for mode in modes
+        for provider in provider_names if provider_runs(provider, CASES[case])
     ]
 
 

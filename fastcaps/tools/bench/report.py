@@ -23,6 +23,7 @@ import torch
 from ... import __version__
 from ..tables import format_table
 from . import engine as bench
+from .workloads import workload
 
 _MIB = 2**20
 
@@ -56,7 +57,7 @@ def rows(results: Sequence[bench.Result]) -> List[dict]:
         memory_ratio = (result.peak_bytes / baseline.peak_bytes
                         if baseline and result.peak_bytes is not None and baseline.peak_bytes else None)
         records.append({
-            "case": p.case, "shape": p.shape.capsules, "batch": p.batch, "iterations": p.iterations,
+            "case": p.case, "shape": workload(p.shape).describe(p.shape), "batch": p.batch, "iterations": p.iterations,
             "mode": p.mode, "provider": p.provider, "dtype": p.dtype, "device": p.device,
             "median_ms": 1e3 * result.timing.median, "q1_ms": 1e3 * q1, "q3_ms": 1e3 * q3,
             "samples_ms": [1e3 * s for s in result.seconds],
