@@ -25,6 +25,22 @@ def test_flop_counts_match_the_design_notes():
     assert bench.flops(MNIST.with_batch(128), 3, "forward+backward") == 3 * 128 * bench.flops(MNIST, 3, "forward")
 
 
+def test_conv_and_votes_cases_count_per_position_and_skip_providers_without_a_kernel():
+    conv = bench.CASES["conv"].with_batch(2)
+    # Per position: 288 children (32 types x 3 x 3), J = 32, D = 16, Din = 8; 196 positions.
+    per_position = 2 * 288 * 32 * 16 * 8 + 2 * 5 * 288 * 32 * 16
+    assert per_position == 3_833_856
+    assert bench.flops(conv, 3, "forward") == 2 * 196 * per_position
+    assert bench.flops(bench.CASES["votes"], 3, "forward") == 49 * 2 * 5 * 288 * 32 * 16  # votes given: no u_hat
+    planned = bench.points(["votes", "conv"], None, [3], ["forward"], ["reference", "reference-compiled", "triton"])
+    assert [(p.case, p.batch, p.provider) for p in planned if p.case == "votes"] == [
+        ("votes", 1, "reference"), ("votes", 1, "reference-compiled"), ("votes", 8, "reference"),
+        ("votes", 8, "reference-compiled")]  # no Triton kernel for votes
+    assert {p.batch for p in planned if p.case == "conv"} == {1, 8}
+    for point in planned:  # what the worker processes receive
+        assert bench._point_from_json(json.loads(json.dumps(bench._point_to_json(point)))) == point
+
+
 def _result(provider, seconds, peak=None, batch=32):
     return bench.Result(bench.Point("mnist", MNIST.with_batch(batch), 3, "forward", provider), seconds, 0.0, peak)
 

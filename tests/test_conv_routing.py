@@ -111,6 +111,15 @@ def test_opcheck(backend):
                           (grad_v, u, weight, bias, s, 2, [2, 1], [1, 0], [1, 1], False, True, backend))
 
 
+def _on_one_thread(run):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return run()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_chunks_of_samples_give_the_same_bits(backend, monkeypatch):
     """Windows gathered a sample at a time equal windows gathered for the whole batch, and the
@@ -124,13 +133,7 @@ def test_chunks_of_samples_give_the_same_bits(backend, monkeypatch):
         return [v.detach(), *torch.autograd.grad(v, leaves, grad_v)]
 
     whole = run()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one_thread = run()
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(whole, one_thread))
+    assert all(torch.equal(a, b) for a, b in zip(whole, _on_one_thread(run)))
     monkeypatch.setattr(windows, "_CHUNK_ELEMENTS", 1)  # one sample per chunk
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -212,30 +215,51 @@ def test_route_votes_reference_is_dense_routing_of_the_votes():
 @pytest.mark.parametrize("iterations, detach, leaky", [(1, False, False), (3, False, False), (3, True, True),
                                                        (2, False, True)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_route_votes_matches_the_reference(iterations, detach, leaky, dtype):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_route_votes_matches_the_reference(iterations, detach, leaky, dtype, backend):
     votes, bias = _votes(seed=iterations)
     grad_v = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     exact = [t.clone().requires_grad_() for t in (votes, bias)]
     v_ref = reference.route_votes(*exact, iterations, detach, leaky)
     want = [v_ref, *torch.autograd.grad(v_ref, exact, grad_v)]
     leaves = [t.to(dtype).requires_grad_() for t in (votes, bias)]
-    v = fastcaps.route_votes(*leaves, iterations, detach, leaky)
+    v = fastcaps.route_votes(*leaves, iterations, detach, leaky, backend)
     got = [v, *torch.autograd.grad(v, leaves, grad_v.to(dtype))]
     assert v.shape == (2, 3, 4, 5)
     for a, b in zip(got, want):
         assert check.normwise_error(a.double(), b) <= check.TOLERANCE[dtype]
 
 
-def test_route_votes_gradcheck_and_opcheck():
-    votes, bias = _votes(leading=(3,), in_caps=4, out_caps=3, out_dim=2)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_route_votes_gradcheck_and_opcheck(backend):
+    votes, bias = _votes(leading=(3,), in_caps=19, out_caps=3, out_dim=2)
     for leaky in (False, True):
-        assert torch.autograd.gradcheck(lambda x, b: fastcaps.route_votes(x, b, 3, leaky=leaky),
+        assert torch.autograd.gradcheck(lambda x, b: fastcaps.route_votes(x, b, 3, leaky=leaky, backend=backend),
                                         (votes.clone().requires_grad_(), bias.clone().requires_grad_()),
                                         eps=1e-6, atol=1e-8, rtol=1e-6)
-    torch.library.opcheck(torch.ops.fastcaps.route_votes.default, (votes, bias, 3, False, True, "torch"))
-    _, s = torch.ops.fastcaps.route_votes(votes, bias, 3, False, True, "torch")
+    torch.library.opcheck(torch.ops.fastcaps.route_votes.default, (votes, bias, 3, False, True, backend))
+    _, s = torch.ops.fastcaps.route_votes(votes, bias, 3, False, True, backend)
     torch.library.opcheck(torch.ops.fastcaps.route_votes_backward.default,
-                          (torch.randn(3, 3, 2, dtype=torch.float64), votes, bias, s, 3, False, True, "torch"))
+                          (torch.randn(3, 3, 2, dtype=torch.float64), votes, bias, s, 3, False, True, backend))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_route_votes_bits_do_not_depend_on_threads_or_chunks(backend, monkeypatch):
+    votes, bias = _votes(leading=(37,), in_caps=21, out_caps=5, out_dim=6, dtype=torch.float32)
+    grad_v = torch.randn(37, 5, 6, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (votes, bias)]
+        v = fastcaps.route_votes(*leaves, 3, leaky=True, backend=backend)
+        return [v.detach(), *torch.autograd.grad(v, leaves, grad_v)]
+
+    both = run()
+    assert all(torch.equal(a, b) for a, b in zip(both, _on_one_thread(run)))
+    if backend == "cpu":
+        from fastcaps.kernels.cpu import route_votes as cpu_votes
+        monkeypatch.setattr(cpu_votes, "_CHUNK_ELEMENTS", 5 * 21 * 30)  # chunks of 5 rows
+        for a, b in zip(run(), both):  # grad bias is summed over chunks: same values, other rounding
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_route_votes_errors():
@@ -246,6 +270,6 @@ def test_route_votes_errors():
         fastcaps.route_votes(votes, bias[:2])
     with pytest.raises(TypeError, match="votes must be a floating-point tensor"):
         fastcaps.route_votes(votes.long())
-    if "cpu" in KERNELS:
-        with pytest.raises(ValueError, match="backend='cpu' has no kernel for votes yet"):
-            fastcaps.route_votes(votes, backend="cpu")
+    if "triton" in fastcaps.available_backends("cpu"):
+        with pytest.raises(ValueError, match="backend='triton' has no kernel for votes yet"):
+            fastcaps.route_votes(votes, backend="triton")

@@ -139,3 +139,30 @@ def test_convert_weight_layouts_and_errors():
         fastcaps.convert_weight(weight, "1 out_caps in_caps in_dim out_dim")
     with pytest.raises(ValueError, match="axis 0 is marked '1' but has size 2"):
         fastcaps.convert_weight(torch.randn(2, 3, 4, 5, 6), "1 out_caps in_caps in_dim out_dim")
+
+
+def test_convert_weight_imports_an_unfold_based_convolutional_layer():
+    """A public-style conv capsule layer: F.unfold's windows permuted from (i, kh, kw) to
+    (kh, kw, i), votes from W (K*K*I, J*D, Din), routed; ConvCaps2d with the converted W agrees."""
+    batch, in_caps, in_dim, size, out_caps, out_dim, k = 2, 3, 4, 5, 4, 6, 3
+    u = fastcaps.squash(torch.randn(batch, in_caps, in_dim, size, size, dtype=torch.float64), dim=2)
+    theirs = torch.randn(k * k * in_caps, out_caps * out_dim, in_dim, dtype=torch.float64) * 0.4
+    columns = torch.nn.functional.unfold(u.reshape(batch, in_caps * in_dim, size, size), k, padding=1)
+    positions = columns.shape[-1]
+    windows = columns.view(batch, in_caps, in_dim, k, k, positions).permute(0, 5, 3, 4, 1, 2)
+    windows = windows.reshape(batch, positions, k * k * in_caps, in_dim)
+    votes = torch.einsum("rce,bpre->bprc", theirs, windows).view(batch, positions, k * k * in_caps, out_caps, out_dim)
+    want = fastcaps.reference.route_votes(votes, None, 3).permute(0, 2, 3, 1).reshape(batch, out_caps, out_dim, size,
+                                                                                       size)
+    layer = fastcaps.ConvCaps2d(in_caps, in_dim, out_caps, out_dim, k, padding=1, dtype=torch.float64)
+    layer.weight.data.copy_(fastcaps.convert_weight(theirs, "(kh kw in_caps) (out_caps out_dim) in_dim", kh=k, kw=k,
+                                                    out_caps=out_caps))
+    torch.testing.assert_close(layer(u), want, rtol=1e-12, atol=1e-13)
+    for layout, sizes, message in [
+        ("(kh kw in_caps) (out_caps out_dim) in_dim", dict(kh=k), "give the sizes of all but one"),
+        ("(kh kw in_caps) (out_caps out_dim) in_dim", dict(kh=2, kw=k, out_caps=out_caps), "does not make"),
+        ("(kh kw in_caps) (out_caps out_dim) in_dim", dict(kh=k, kw=k, out_caps=out_caps, depth=2), "does not name"),
+        ("(kh kw in_caps (out_caps) out_dim in_dim", dict(), "parenthesised groups"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            fastcaps.convert_weight(theirs, layout, **sizes)

@@ -91,10 +91,18 @@ def test_resume_refuses_other_settings(tmp_path):
     ("lr", 0.0, "lr must be > 0"),
     ("lr_decay", 1.5, r"lr_decay must be in \(0, 1\]"),
     ("max_shift", -1, "max_shift must be >= 0"),
+    ("model", "em", "model must be one of capsnet, conv"),
 ])
 def test_config_errors_name_the_setting(field, value, message):
     with pytest.raises(ValueError, match=message):
         T.TrainConfig(**{field: value})
+
+
+def test_the_conv_model_trains_and_its_checkpoint_has_a_convcaps_layer(tmp_path):
+    history = T.train(T.TrainConfig(epochs=1, out=str(tmp_path), model="conv", **TINY))
+    assert len(history) == 1 and history[0]["train_loss"] > 0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert state["conv_caps.weight"].shape == (16, 2, 3, 3, 12, 8)
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path):

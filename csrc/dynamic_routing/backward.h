@@ -226,9 +226,12 @@ void gradient_block_from_kept(const Packed<T>& p, const BackwardState<T>& state,
   }
 }
 
+// The prologue (V_{t-1}, sigma_r), phase A (sigma_t for t < r) and grad bias: every backward's
+// first part, whatever it then differentiates (u and W, or given votes). With kept_u_hat the
+// passes read it, else they recompute u_hat.
 template <typename T>
-void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach_routing, const Vec<T>* kept_u_hat,
-                     const T* u, T* grad_u, T* grad_weight, T* grad_bias) {
+BackwardState<T> routing_state_backward(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach_routing,
+                                        const Vec<T>* kept_u_hat, T* grad_bias) {
   const Dims& d = p.d;
   const int64_t B = d.batch, J = d.out_caps, D = d.out_dim, jd = p.jd, r = d.iterations;
   BackwardState<T> state{r, jd, detach_routing ? r - 1 : 0, std::vector<T>(B * r * jd, T(0)),
@@ -273,6 +276,14 @@ void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool d
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = state.first; t < r; ++t)
       for (int64_t k = 0; k < jd; ++k) grad_bias[k] += state.sigma_at(b, t)[k];
+  return state;
+}
+
+template <typename T>
+void backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach_routing, const Vec<T>* kept_u_hat,
+                     const T* u, T* grad_u, T* grad_weight, T* grad_bias) {
+  const int64_t B = p.d.batch, jd = p.jd;
+  const BackwardState<T> state = routing_state_backward(p, grad_v, s_all, detach_routing, kept_u_hat, grad_bias);
 
   // Phase B: each block owned by one thread, so grad W is summed over the batch in order.
   at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {

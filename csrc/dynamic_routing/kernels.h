@@ -9,6 +9,7 @@
 #include "forward.h"
 #include "layout.h"
 #include "tuning.h"
+#include "votes.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -45,6 +46,14 @@ Vec<T>* kept_u_hat_vectors(const at::Tensor& kept_u_hat, const Dims& d) {
   TORCH_CHECK(reinterpret_cast<std::uintptr_t>(kept_u_hat.data_ptr()) % 64 == 0,
               "routing_cpu: kept_u_hat must be 64-byte aligned");
   return static_cast<Vec<T>*>(kept_u_hat.data_ptr());
+}
+
+// A votes call as the passes see it: batch N, I children, J x D parents, in_dim 1 (nothing predicts).
+Dims votes_dims(const at::Tensor& votes, int64_t iterations, bool leaky) {
+  TORCH_CHECK(votes.dim() == 4, "votes_cpu: votes must be (rows, in_caps, out_caps, out_dim), got ", votes.sizes());
+  TORCH_CHECK(iterations >= 1, "votes_cpu: iterations must be >= 1, got ", iterations);
+  TORCH_INTERNAL_ASSERT(votes.is_contiguous(), "votes_cpu: the launcher passes contiguous votes");
+  return Dims{votes.size(0), votes.size(1), 1, votes.size(2), votes.size(3), iterations, leaky};
 }
 
 FASTCAPS_KERNELS_END
@@ -93,6 +102,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Te
                               grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
   });
   return {grad_u, grad_weight, grad_bias};
+}
+
+// votes (N, I, J, D) -> (v (N, J, D), s (N, r, J, D)).
+std::tuple<at::Tensor, at::Tensor> votes_cpu_forward(const at::Tensor& votes, const at::Tensor& bias, int64_t iterations,
+                                                     bool leaky) {
+  const Dims d = votes_dims(votes, iterations, leaky);
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == d.jd() && bias.is_contiguous() &&
+                                    bias.scalar_type() == votes.scalar_type()),
+              "votes_cpu: bias must be empty or a contiguous (out_caps, out_dim) tensor of votes' dtype");
+  at::Tensor v = at::empty({d.batch, d.out_caps, d.out_dim}, votes.options());
+  at::Tensor s = at::empty({d.batch, d.iterations, d.out_caps, d.out_dim}, votes.options());
+  AT_DISPATCH_FLOATING_TYPES(votes.scalar_type(), "votes_cpu_forward", [&] {
+    votes_forward_kernel<scalar_t>(votes_packed<scalar_t>(d), votes.const_data_ptr<scalar_t>(),
+                                   bias.numel() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                   v.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>());
+  });
+  return {v, s};
+}
+
+// -> (grad votes (N, I, J, D), grad bias (J, D)).
+std::tuple<at::Tensor, at::Tensor> votes_cpu_backward(const at::Tensor& grad_v, const at::Tensor& votes,
+                                                      const at::Tensor& s, int64_t iterations, bool detach_routing,
+                                                      bool leaky) {
+  const Dims d = votes_dims(votes, iterations, leaky);
+  TORCH_INTERNAL_ASSERT(grad_v.is_contiguous() && s.is_contiguous());
+  TORCH_CHECK(grad_v.numel() == d.batch * d.jd() && s.numel() == d.batch * d.iterations * d.jd(),
+              "votes_cpu: grad_v or s has the wrong size for votes");
+  at::Tensor grad_votes = at::empty_like(votes);
+  at::Tensor grad_bias = at::empty({d.out_caps, d.out_dim}, votes.options());
+  AT_DISPATCH_FLOATING_TYPES(votes.scalar_type(), "votes_cpu_backward", [&] {
+    votes_backward_kernel<scalar_t>(votes_packed<scalar_t>(d), grad_v.const_data_ptr<scalar_t>(),
+                                    s.const_data_ptr<scalar_t>(), detach_routing, votes.const_data_ptr<scalar_t>(),
+                                    grad_votes.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_votes, grad_bias};
 }
 
 // (lanes, samples): this build's kept u_hat has batch * ceil(in_caps / lanes) * lanes *

@@ -41,6 +41,7 @@ struct Packed {
   std::vector<int64_t> row_outputs;  // see row_lane_outputs; empty where Din rules out predict_from_rows
   LaneArray<T> packed_weight;   // (blocks, Din, jd), or empty
   LaneArray<T> inputs;          // (B, blocks, Din): inputs[b, blk, e][l] = u[b, blk*L + l, e]
+  bool parallel_samples;        // run_passes' schedule: samples in parallel (else chunks, per group)
 
   int64_t block_size() const { return d.in_dim * jd; }  // vectors of packed W per block
   const Vec<T>* input_block(int64_t b, int64_t blk) const { return inputs.data() + (b * blocks + blk) * d.in_dim; }

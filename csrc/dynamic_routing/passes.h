@@ -21,7 +21,8 @@ template <typename T>
 Packed<T> pack(const Dims& d, const T* u, const T* weight, bool share_weight) {
   const int64_t Din = d.in_dim, blocks = d.blocks<T>();
   Packed<T> p{d, d.jd(), blocks, d.chunks<T>(), weight, packed_offsets(d), row_lane_outputs<T>(d),
-              LaneArray<T>(share_weight ? blocks * Din * d.jd() : 0), LaneArray<T>(d.batch * blocks * Din)};
+              LaneArray<T>(share_weight ? blocks * Din * d.jd() : 0), LaneArray<T>(d.batch * blocks * Din),
+              share_weight};
   if (share_weight)
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk)
@@ -297,7 +298,7 @@ void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const 
   const auto chunk_weight = [&](Scratch<T>& scratch, int64_t chunk) {
     return scratch.packed_weight(p, chunk * kChunkBlocks, std::min(p.blocks, (chunk + 1) * kChunkBlocks));
   };
-  if (p.packed_weight.size() > 0) {
+  if (p.parallel_samples) {
     struct ThreadState {
       LaneArray<T> uh;
       std::vector<T> partials;

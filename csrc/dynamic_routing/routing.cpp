@@ -60,6 +60,11 @@ namespace fastcaps {
       const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& weight, const at::Tensor& s,         \
       const at::Tensor& kept_u_hat, int64_t iterations, bool detach_routing, bool leaky);                   \
   std::tuple<int64_t, int64_t> kept_layout(c10::ScalarType dtype);                                          \
+  std::tuple<at::Tensor, at::Tensor> votes_cpu_forward(const at::Tensor& votes, const at::Tensor& bias,      \
+                                                       int64_t iterations, bool leaky);                     \
+  std::tuple<at::Tensor, at::Tensor> votes_cpu_backward(const at::Tensor& grad_v, const at::Tensor& votes,   \
+                                                        const at::Tensor& s, int64_t iterations,            \
+                                                        bool detach_routing, bool leaky);                   \
   }
 #if defined(FASTCAPS_X86_BUILDS)
 FASTCAPS_DECLARE_BUILD(avx512)
@@ -76,6 +81,8 @@ struct Build {
   decltype(&baseline::routing_cpu_forward) forward;
   decltype(&baseline::routing_cpu_backward) backward;
   decltype(&baseline::kept_layout) kept_layout;
+  decltype(&baseline::votes_cpu_forward) votes_forward;
+  decltype(&baseline::votes_cpu_backward) votes_backward;
 };
 
 // Widest first: the default is the first one the CPU runs.
@@ -83,12 +90,12 @@ const std::vector<Build>& builds() {
   static const std::vector<Build> all = {
 #if defined(FASTCAPS_X86_BUILDS)
       {"avx512", [] { return __builtin_cpu_supports("x86-64-v4") > 0; }, &avx512::routing_cpu_forward,
-       &avx512::routing_cpu_backward, &avx512::kept_layout},
+       &avx512::routing_cpu_backward, &avx512::kept_layout, &avx512::votes_cpu_forward, &avx512::votes_cpu_backward},
       {"avx2", [] { return __builtin_cpu_supports("x86-64-v3") > 0; }, &avx2::routing_cpu_forward,
-       &avx2::routing_cpu_backward, &avx2::kept_layout},
+       &avx2::routing_cpu_backward, &avx2::kept_layout, &avx2::votes_cpu_forward, &avx2::votes_cpu_backward},
 #endif
       {"baseline", [] { return true; }, &baseline::routing_cpu_forward, &baseline::routing_cpu_backward,
-       &baseline::kept_layout},
+       &baseline::kept_layout, &baseline::votes_cpu_forward, &baseline::votes_cpu_backward},
   };
   return all;
 }
@@ -136,6 +143,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Te
   return chosen().backward(grad_v, u, weight, s, kept_u_hat, iterations, detach_routing, leaky);
 }
 
+std::tuple<at::Tensor, at::Tensor> votes_cpu_forward(const at::Tensor& votes, const at::Tensor& bias,
+                                                     int64_t iterations, bool leaky) {
+  return chosen().votes_forward(votes, bias, iterations, leaky);
+}
+
+std::tuple<at::Tensor, at::Tensor> votes_cpu_backward(const at::Tensor& grad_v, const at::Tensor& votes,
+                                                      const at::Tensor& s, int64_t iterations, bool detach_routing,
+                                                      bool leaky) {
+  return chosen().votes_backward(grad_v, votes, s, iterations, detach_routing, leaky);
+}
+
 // (lanes, samples) of the build that runs: the launcher and the op's fake tensor read the
 // kept u_hat's size from here, so that they agree with the kernels whatever the vector width.
 std::tuple<int64_t, int64_t> routing_cpu_kept_layout(c10::ScalarType dtype) {
@@ -165,4 +183,6 @@ TORCH_LIBRARY_FRAGMENT(fastcaps, m) {
 TORCH_LIBRARY_IMPL(fastcaps, CPU, m) {
   m.impl("routing_cpu_forward", &fastcaps::routing_cpu_forward);
   m.impl("routing_cpu_backward", &fastcaps::routing_cpu_backward);
+  m.impl("votes_cpu_forward", &fastcaps::votes_cpu_forward);
+  m.impl("votes_cpu_backward", &fastcaps::votes_cpu_backward);
 }

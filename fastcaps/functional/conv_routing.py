@@ -3,6 +3,7 @@ choice, then the op (or the reference for backend="reference")."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from torch import Tensor
@@ -72,8 +73,8 @@ def route_votes(
         votes: (..., I, J, D): child i's vote for parent j, any leading dimensions (batch,
             positions), each routed independently.
         bias, iterations, detach_routing, leaky: as ``fastcaps.dynamic_routing``.
-        backend: "auto" (the ``torch`` kernel: the fused one for votes today), "torch" or
-            "reference".
+        backend: "auto" (the C++ kernels on CPU, the ``torch`` kernel on CUDA), "cpu",
+            "torch" or "reference"; "triton" has no votes kernel yet.
 
     Returns:
         v: (..., J, D) in votes' dtype.
@@ -87,12 +88,13 @@ def route_votes(
 
 
 def resolve_votes_backend(backend: str, device) -> str:
-    """route_votes' backend: "auto" is the torch kernel; "cpu" and "triton" have no kernel for
-    votes yet, which is an error that says so, not a fallback."""
-    if backend == "auto":
+    """route_votes' backend: "auto" as for dynamic_routing, except that "triton" has no kernel
+    for votes yet, so on CUDA "auto" takes "torch"; naming "triton" is an error that says so,
+    not a fallback."""
+    if backend == "auto" and device.type == "cuda" and not os.environ.get("FASTCAPS_BACKEND"):
         return "torch"
     backend = resolve_backend(backend, device)
-    if backend not in ("torch", "reference"):
-        raise ValueError(f"route_votes: backend={backend!r} has no kernel for votes yet; "
-                         "use backend='torch' (what 'auto' takes) or 'reference'")
+    if backend == "triton":
+        raise ValueError("route_votes: backend='triton' has no kernel for votes yet; use 'torch', 'cpu' (on CPU "
+                         "tensors) or 'reference'")
     return backend

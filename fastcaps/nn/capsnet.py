@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..validation import describe
-from .capsules import DigitCaps, PrimaryCaps
+from .capsules import ConvCaps2d, DigitCaps, PrimaryCaps
 
 __all__ = ["Decoder", "CapsNet", "CapsNetOutput"]
 
@@ -46,6 +46,11 @@ class CapsNet(nn.Module):
     in training mode, the longest capsule's otherwise (evaluation, or training without
     labels). At 28x28x1 and 10 classes it has 8,215,568 parameters, 6,804,224 without the
     decoder, as in the paper.
+
+    ``conv_caps=(types, dim)`` puts a convolutional capsule layer between PrimaryCaps and
+    DigitCaps (not in the paper): ConvCaps2d from the primary capsules' grid to ``types``
+    capsules of ``dim`` dimensions per position, 3x3 window, padding 1, routing at every
+    position; DigitCaps then routes from its grid.
     """
 
     def __init__(
@@ -64,6 +69,8 @@ class CapsNet(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        *,
+        conv_caps: Optional[Tuple[int, int]] = None,
     ) -> None:
         super().__init__()
         if image_size < 17:
@@ -72,10 +79,19 @@ class CapsNet(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.conv1 = nn.Conv2d(in_channels, conv_channels, 9, **factory)
-        self.primary = PrimaryCaps(conv_channels, primary_channels, primary_dim, 9, 2, **factory)
+        self.primary = PrimaryCaps(conv_channels, primary_channels, primary_dim, 9, 2, **factory,
+                                   grid=conv_caps is not None)
+        digit_inputs, digit_in_dim = primary_channels, primary_dim
+        if conv_caps is not None:
+            self.conv_caps = ConvCaps2d(primary_channels, primary_dim, *conv_caps, kernel_size=3, padding=1,
+                                        iterations=iterations, detach_routing=detach_routing, backend=backend,
+                                        **factory)
+            digit_inputs, digit_in_dim = conv_caps
+        else:
+            self.register_module("conv_caps", None)
         self.digits = DigitCaps(
-            in_caps=primary_channels * grid * grid,
-            in_dim=primary_dim,
+            in_caps=digit_inputs * grid * grid,
+            in_dim=digit_in_dim,
             out_caps=num_classes,
             out_dim=digit_dim,
             iterations=iterations,
@@ -95,7 +111,11 @@ class CapsNet(nn.Module):
                 f"{expected[2]}), got {describe(images)}"
             )
         features = torch.relu(self.conv1(images))
-        capsules = self.digits(self.primary(features))
+        primary = self.primary(features)
+        if self.conv_caps is not None:
+            grid = self.conv_caps(primary)  # (B, types, dim, H, W), flattened channel-major as PrimaryCaps does
+            primary = grid.permute(0, 1, 3, 4, 2).flatten(1, 3)
+        capsules = self.digits(primary)
         lengths = torch.linalg.vector_norm(capsules, dim=-1)
         if self.decoder is None:
             return CapsNetOutput(lengths, capsules, None)

@@ -28,6 +28,10 @@ SCHEMAS = (
     "-> (Tensor, Tensor)",
     "routing_cpu_backward(Tensor grad_v, Tensor u, Tensor weight, Tensor s, Tensor kept_u_hat, int iterations, "
     "bool detach_routing, bool leaky) -> (Tensor, Tensor, Tensor)",
+    # route_votes' kernels (route_votes.py): votes (N, I, J, D) are u_hat, nothing predicts
+    "votes_cpu_forward(Tensor votes, Tensor bias, int iterations, bool leaky) -> (Tensor, Tensor)",
+    "votes_cpu_backward(Tensor grad_v, Tensor votes, Tensor s, int iterations, bool detach_routing, bool leaky) "
+    "-> (Tensor, Tensor)",
 )
 
 

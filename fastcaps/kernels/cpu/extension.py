@@ -106,7 +106,8 @@ def problem() -> Optional[str]:
     return _problem
 
 
-_CPU_KERNELS = ("fastcaps::routing_cpu_forward", "fastcaps::routing_cpu_backward")
+_CPU_KERNELS = ("fastcaps::routing_cpu_forward", "fastcaps::routing_cpu_backward", "fastcaps::votes_cpu_forward",
+                "fastcaps::votes_cpu_backward")
 _isa: Optional[str] = None
 # Operators the extension defines in C++ (no dispatch key): a build from older sources lacks them.
 _CPU_QUERIES = ("_routing_cpu_kept_layout", "_routing_cpu_isa", "_routing_cpu_isas")

@@ -8,7 +8,7 @@ import dataclasses
 import torch.distributed as dist
 
 from . import loop
-from .config import TrainConfig
+from .config import MODELS, TrainConfig
 
 __all__ = ["add_parser"]
 
@@ -19,6 +19,9 @@ def add_parser(commands) -> None:
                                  description=loop.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="folder of MNIST's IDX files (plain or .gz); default: "
                                            "scikit-learn's 1,797 digits, split 80/20 with the seed")
+    parser.add_argument("--model", choices=list(MODELS), default=defaults.model,
+                        help="capsnet: the paper's; conv: with a ConvCaps2d layer (16 x 12D, 3x3, padding 1) "
+                             "between PrimaryCaps and DigitCaps")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="the global batch, split over torchrun's processes")

@@ -5,15 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["TrainConfig", "MODEL_FIELDS"]
+__all__ = ["TrainConfig", "MODEL_FIELDS", "MODELS"]
 
 # Fields that fix the model's shape or its data; a checkpoint resumes only with the same ones.
-MODEL_FIELDS = ("data_dir", "image_size", "conv_channels", "primary_channels", "iterations", "seed", "limit")
+MODEL_FIELDS = ("data_dir", "model", "image_size", "conv_channels", "primary_channels", "iterations", "seed",
+                "limit")
+# --model: the paper's CapsNet, or with a ConvCaps2d layer (types, dim) between PrimaryCaps and DigitCaps.
+MODELS = {"capsnet": None, "conv": (16, 12)}
 
 
 @dataclass
 class TrainConfig:
     data_dir: Optional[str] = None  # MNIST IDX files; None: scikit-learn's digits
+    model: str = "capsnet"  # a key of MODELS
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
@@ -39,6 +43,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"fastcaps train: {name} must be an int >= 1, got {value!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"fastcaps train: model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if not self.lr > 0:
             raise ValueError(f"fastcaps train: lr must be > 0, got {self.lr!r}")
         if not 0 < self.lr_decay <= 1:

@@ -1,5 +1,5 @@
-"""``fastcaps train``: the paper's CapsNet (``fastcaps.CapsNet`` + ``CapsuleLoss``) trained on
-real digits, with the paper's optimiser (Adam, learning rate 1e-3 decayed exponentially),
+"""``fastcaps train``: the paper's CapsNet (``fastcaps.CapsNet`` + ``CapsuleLoss``; with
+``--model conv``, with a ConvCaps2d layer before DigitCaps) trained on real digits, with the paper's optimiser (Adam, learning rate 1e-3 decayed exponentially),
 its augmentation (shifts of up to 2 pixels) and its reconstruction regulariser.
 
 Data: scikit-learn's 1,797 scanned digits by default, or MNIST's IDX files with --data-dir
@@ -28,7 +28,7 @@ import torch
 
 from ...nn import CapsNet, CapsuleLoss
 from .augment import epoch_batches, shift_images
-from .config import MODEL_FIELDS, TrainConfig
+from .config import MODEL_FIELDS, MODELS, TrainConfig
 from .data import Digits, load_mnist_idx, load_sklearn_digits
 from .distributed import Processes, process_slice, start_processes, sum_over_processes, training_device
 from .plots import save_curves, save_reconstructions
@@ -55,7 +55,7 @@ def build_model(config: TrainConfig, device: torch.device) -> CapsNet:
     torch.manual_seed(config.seed)
     return CapsNet(image_size=config.image_size, conv_channels=config.conv_channels,
                    primary_channels=config.primary_channels, iterations=config.iterations,
-                   backend=config.backend, device=device)
+                   backend=config.backend, device=device, conv_caps=MODELS[config.model])
 
 
 def evaluate(model, data: Digits, batch_size: int, processes: Processes, device: torch.device) -> Tuple[float, float]:
