@@ -24,7 +24,7 @@ from ...functional import conv_dynamic_routing, dynamic_routing, route_votes
 _compiled: Dict[str, Callable] = {}
 
 
-def _raise_recompile_limit() -> None:
+def raise_recompile_limit() -> None:
     """Each benchmark point is a new static shape for the compiled reference; without this,
     dynamo stops compiling after 8 shapes and silently runs eager."""
     config = torch._dynamo.config
@@ -36,7 +36,7 @@ def _raise_recompile_limit() -> None:
 
 def _compiled_once(name: str, function: Callable) -> Callable:
     if name not in _compiled:
-        _raise_recompile_limit()
+        raise_recompile_limit()
         _compiled[name] = torch.compile(function, dynamic=False, fullgraph=True)
     return _compiled[name]
 
