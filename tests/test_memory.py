@@ -20,8 +20,12 @@ def test_torch_kernel_uses_a_fraction_of_the_references_memory():
 
 
 def test_torch_kernel_memory_stays_flat_beyond_one_chunk():
-    # The kernel holds u_hat for about 22 MNIST samples at a time, whatever the batch.
-    assert _peak("torch", "forward+backward", 128) < 1.25 * _peak("torch", "forward+backward", 32)
+    # The kernel holds u_hat for about 22 MNIST samples at a time, whatever the batch: 96 more
+    # samples add their inputs, outputs and gradients, far less than the 96 * 737 KB of u_hat
+    # they would add if it were held for the batch (measured: 13-16 MB more, 2026-12-02).
+    u_hat_per_sample = 1152 * 10 * 16 * 4
+    growth = _peak("torch", "forward+backward", 128) - _peak("torch", "forward+backward", 32)
+    assert growth < 0.3 * 96 * u_hat_per_sample
 
 
 def test_peak_grows_with_the_batch_for_the_reference():
