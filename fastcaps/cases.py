@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .reference import squash
+from .validation import conv_output_size
 
 __all__ = ["RoutingShape", "RoutingInputs", "make_inputs", "INITS", "ConvShape", "make_conv_inputs", "VotesShape"]
 
@@ -114,7 +115,7 @@ class ConvShape:
 
     @property
     def out_grid(self) -> Tuple[int, int]:
-        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+        return tuple(conv_output_size(*axis) for axis in
                      zip((self.height, self.width), self.kernel, self.stride, self.padding, self.dilation))
 
     @property

@@ -90,6 +90,11 @@ def renamed_detach(detach_routing: bool, detach: Optional[bool], where: str) -> 
     return detach
 
 
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """One spatial dimension of a convolutional layer's output, as nn.Conv2d computes it."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def pair(value, name: str, where: str = "conv_dynamic_routing"):
     """An int or a pair of ints, as nn.Conv2d takes kernel_size, stride, padding, dilation."""
     items = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value

@@ -48,6 +48,20 @@ Vec<T>* kept_u_hat_vectors(const at::Tensor& kept_u_hat, const Dims& d) {
   return static_cast<Vec<T>*>(kept_u_hat.data_ptr());
 }
 
+// Checks every forward makes of the bias and every backward of its grad v and saved s
+// (`where` names the op in the message, `owner` whose dtype the bias must share, `input` what
+// grad v and s must fit).
+void check_bias(const at::Tensor& bias, const Dims& d, c10::ScalarType dtype, const char* where, const char* owner) {
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == d.jd() && bias.is_contiguous() && bias.scalar_type() == dtype),
+              where, ": bias must be empty or a contiguous (out_caps, out_dim) tensor of ", owner, " dtype");
+}
+
+void check_saved(const at::Tensor& grad_v, const at::Tensor& s, const Dims& d, const char* where, const char* input) {
+  TORCH_INTERNAL_ASSERT(grad_v.is_contiguous() && s.is_contiguous());
+  TORCH_CHECK(grad_v.numel() == d.batch * d.jd() && s.numel() == d.batch * d.iterations * d.jd(), where,
+              ": grad_v or s has the wrong size for ", input);
+}
+
 // A votes call as the passes see it: batch N, I children, J x D parents, in_dim 1 (nothing predicts).
 Dims votes_dims(const at::Tensor& votes, int64_t iterations, bool leaky) {
   TORCH_CHECK(votes.dim() == 4, "votes_cpu: votes must be (rows, in_caps, out_caps, out_dim), got ", votes.sizes());
@@ -65,8 +79,7 @@ std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, cons
                                                        const at::Tensor& bias, int64_t iterations, bool leaky,
                                                        const at::Tensor& kept_u_hat) {
   const Dims d = dims_of(u, weight, iterations, leaky);
-  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == d.jd() && bias.is_contiguous() && bias.scalar_type() == u.scalar_type()),
-              "routing_cpu: bias must be empty or a contiguous (out_caps, out_dim) tensor of u's dtype");
+  check_bias(bias, d, u.scalar_type(), "routing_cpu", "u's");
   at::Tensor v = at::empty({d.batch, d.out_caps, d.out_dim}, u.options());
   at::Tensor s = at::empty({d.batch, d.iterations, d.out_caps, d.out_dim}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "routing_cpu_forward", [&] {
@@ -84,9 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Te
                                                                     const at::Tensor& kept_u_hat, int64_t iterations,
                                                                     bool detach_routing, bool leaky) {
   const Dims d = dims_of(u, weight, iterations, leaky);
-  TORCH_INTERNAL_ASSERT(grad_v.is_contiguous() && s.is_contiguous());
-  TORCH_CHECK(grad_v.numel() == d.batch * d.jd() && s.numel() == d.batch * d.iterations * d.jd(),
-              "routing_cpu: grad_v or s has the wrong size for u and weight");
+  check_saved(grad_v, s, d, "routing_cpu", "u and weight");
   at::Tensor grad_u = at::empty_like(u);
   at::Tensor grad_weight = at::empty_like(weight);
   at::Tensor grad_bias = at::empty({d.out_caps, d.out_dim}, u.options());
@@ -108,9 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_cpu_backward(const at::Te
 std::tuple<at::Tensor, at::Tensor> votes_cpu_forward(const at::Tensor& votes, const at::Tensor& bias, int64_t iterations,
                                                      bool leaky) {
   const Dims d = votes_dims(votes, iterations, leaky);
-  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == d.jd() && bias.is_contiguous() &&
-                                    bias.scalar_type() == votes.scalar_type()),
-              "votes_cpu: bias must be empty or a contiguous (out_caps, out_dim) tensor of votes' dtype");
+  check_bias(bias, d, votes.scalar_type(), "votes_cpu", "votes'");
   at::Tensor v = at::empty({d.batch, d.out_caps, d.out_dim}, votes.options());
   at::Tensor s = at::empty({d.batch, d.iterations, d.out_caps, d.out_dim}, votes.options());
   AT_DISPATCH_FLOATING_TYPES(votes.scalar_type(), "votes_cpu_forward", [&] {
@@ -126,9 +135,7 @@ std::tuple<at::Tensor, at::Tensor> votes_cpu_backward(const at::Tensor& grad_v, 
                                                       const at::Tensor& s, int64_t iterations, bool detach_routing,
                                                       bool leaky) {
   const Dims d = votes_dims(votes, iterations, leaky);
-  TORCH_INTERNAL_ASSERT(grad_v.is_contiguous() && s.is_contiguous());
-  TORCH_CHECK(grad_v.numel() == d.batch * d.jd() && s.numel() == d.batch * d.iterations * d.jd(),
-              "votes_cpu: grad_v or s has the wrong size for votes");
+  check_saved(grad_v, s, d, "votes_cpu", "votes");
   at::Tensor grad_votes = at::empty_like(votes);
   at::Tensor grad_bias = at::empty({d.out_caps, d.out_dim}, votes.options());
   AT_DISPATCH_FLOATING_TYPES(votes.scalar_type(), "votes_cpu_backward", [&] {

@@ -33,20 +33,29 @@ layout: making them contiguous is the launcher's job.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Tuple
+from typing import Callable, Iterator, NamedTuple, Tuple
 
 import torch
 from torch import Tensor
 
 from ..validation import compute_dtype
 
-__all__ = ["RoutingKernels", "compute_dtype", "keeps_nothing"]
+__all__ = ["RoutingKernels", "compute_dtype", "keeps_nothing", "row_chunks"]
 
 
 class RoutingKernels(NamedTuple):
     forward: Callable[..., Tuple[Tensor, Tensor, Tensor]]
     backward: Callable[..., Tuple[Tensor, Tensor, Tensor]]
     kept_numel: Callable[[int, int, int, int, torch.dtype], int]
+
+
+def row_chunks(rows: int, per_row: int, limit: int) -> Iterator[slice]:
+    """Consecutive ranges of ``rows`` rows holding at most ``limit`` values of ``per_row`` each
+    (at least one row per range): how the launchers bound what they hold at once. The ranges
+    depend on the shapes alone, never on the thread count."""
+    step = max(1, limit // max(1, per_row))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
 
 
 def keeps_nothing(batch: int, in_caps: int, out_caps: int, out_dim: int, dtype: torch.dtype) -> int:

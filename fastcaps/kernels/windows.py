@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import RoutingKernels, compute_dtype
+from ..validation import conv_output_size
+from . import RoutingKernels, compute_dtype, row_chunks
 
 # Window values gathered at once: 2^21 float32 = 8 MiB (at least one sample).
 _CHUNK_ELEMENTS = 1 << 21
@@ -44,40 +45,38 @@ class Geometry:
         _, self.in_caps, self.in_dim, self.height, self.width = u_shape
         self.out_caps, _, kh, kw, self.out_dim, _ = weight_shape
         self.kernel, self.stride, self.padding, self.dilation = (kh, kw), tuple(stride), tuple(padding), tuple(dilation)
-        self.out_h, self.out_w = (
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, k, s, p, d in zip((self.height, self.width), self.kernel, self.stride, self.padding,
-                                        self.dilation))
+        self.out_h, self.out_w = (conv_output_size(*axis) for axis in zip(
+            (self.height, self.width), self.kernel, self.stride, self.padding, self.dilation))
 
     @property
     def positions(self) -> int:
         return self.out_h * self.out_w
 
     @property
+    def taps(self) -> int:
+        """Offsets in a window: Kh * Kw."""
+        return self.kernel[0] * self.kernel[1]
+
+    @property
     def children(self) -> int:
-        return self.in_caps * self.kernel[0] * self.kernel[1]
+        return self.in_caps * self.taps
 
     def chunks(self, batch: int) -> Iterator[slice]:
         """Ranges of whole samples whose windows hold at most _CHUNK_ELEMENTS values (or one sample)."""
-        per_sample = max(1, self.positions * self.children * self.in_dim)
-        step = max(1, _CHUNK_ELEMENTS // per_sample)
-        for start in range(0, batch, step):
-            yield slice(start, min(batch, start + step))
+        return row_chunks(batch, self.positions * self.children * self.in_dim, _CHUNK_ELEMENTS)
 
     def gather(self, u: Tensor) -> Tensor:
         """The windows of u (b, I, Din, H, W) as dense routing inputs: (b * H' * W', I * Kh * Kw, Din)."""
         batch = u.shape[0]
         columns = F.unfold(u.reshape(batch, self.in_caps * self.in_dim, self.height, self.width), self.kernel,
                            self.dilation, self.padding, self.stride)  # (b, (i, e, kh, kw), position)
-        columns = columns.view(batch, self.in_caps, self.in_dim, self.children // self.in_caps, self.positions)
+        columns = columns.view(batch, self.in_caps, self.in_dim, self.taps, self.positions)
         return columns.permute(0, 4, 1, 3, 2).reshape(batch * self.positions, self.children, self.in_dim)
 
     def scatter(self, grad_windows: Tensor, batch: int) -> Tensor:
         """The adjoint of gather: grad u (b, I, Din, H, W), each location the sum over its windows."""
-        columns = grad_windows.view(batch, self.positions, self.in_caps, self.children // self.in_caps,
-                                    self.in_dim).permute(0, 2, 4, 3, 1)
-        columns = columns.reshape(batch, self.in_caps * self.in_dim * (self.children // self.in_caps),
-                                  self.positions)
+        columns = grad_windows.view(batch, self.positions, self.in_caps, self.taps, self.in_dim).permute(0, 2, 4, 3, 1)
+        columns = columns.reshape(batch, self.in_caps * self.in_dim * self.taps, self.positions)
         grad_u = F.fold(columns, (self.height, self.width), self.kernel, self.dilation, self.padding, self.stride)
         return grad_u.view(batch, self.in_caps, self.in_dim, self.height, self.width)
 

@@ -25,15 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..validation import check_conv_routing_args, check_votes_args, compute_dtype, pair
+from ..validation import check_conv_routing_args, check_votes_args, compute_dtype, conv_output_size, pair
 from .dynamic_routing import route_predictions
 
-__all__ = ["conv_dynamic_routing", "route_votes", "conv_output_size"]
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """One spatial dimension of the output, as nn.Conv2d computes it."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+__all__ = ["conv_dynamic_routing", "route_votes"]
 
 
 def conv_dynamic_routing(

@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import compute_dtype
+from .. import compute_dtype, row_chunks
 from ..torch.route_votes import VotesKernels
 
 # Votes put in lanes at once: 2^22 float32 = 16 MiB (at least one row).
@@ -22,10 +22,7 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 def _chunks(votes: Tensor) -> Iterator[slice]:
-    rows = votes.shape[0]
-    step = max(1, _CHUNK_ELEMENTS // max(1, votes[0].numel() if rows else 1))
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
+    return row_chunks(votes.shape[0], votes[0].numel() if votes.shape[0] else 1, _CHUNK_ELEMENTS)
 
 
 def votes_forward(votes: Tensor, bias: Optional[Tensor], iterations: int, leaky: bool) -> Tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import RoutingKernels, compute_dtype, keeps_nothing
+from .. import RoutingKernels, compute_dtype, keeps_nothing, row_chunks
 from .squash import squash_backward, squash_forward
 
 # u_hat elements held at once; 2^22 float32 = 16 MiB, about 22 MNIST samples.
@@ -29,10 +29,7 @@ _CHUNK_ELEMENTS = 1 << 22
 
 def _chunks(batch: int, weight: Tensor):
     out_caps, in_caps, out_dim, _ = weight.shape
-    per_sample = max(1, out_caps * in_caps * out_dim)
-    step = max(1, _CHUNK_ELEMENTS // per_sample)
-    for start in range(0, batch, step):
-        yield slice(start, min(batch, start + step))
+    return row_chunks(batch, out_caps * in_caps * out_dim, _CHUNK_ELEMENTS)
 
 
 def _predictions(u: Tensor, weight: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import compute_dtype
+from .. import compute_dtype, row_chunks
 from .dynamic_routing import _CHUNK_ELEMENTS, prediction_gradients, route_chunk
 
 
@@ -28,10 +28,7 @@ class VotesKernels(NamedTuple):
 
 
 def _chunks(votes: Tensor) -> Iterator[slice]:
-    rows = votes.shape[0]
-    step = max(1, _CHUNK_ELEMENTS // max(1, votes[0].numel() if rows else 1))
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
+    return row_chunks(votes.shape[0], votes[0].numel() if votes.shape[0] else 1, _CHUNK_ELEMENTS)
 
 
 def _predictions(votes: Tensor) -> Tensor:
