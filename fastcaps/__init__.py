@@ -13,9 +13,10 @@ The layers of the package (docs/architecture.md): ``reference`` (the papers' alg
 from .kernels.cpu import extension as _extension  # noqa: F401  (loads the C++ kernels, or warns once)
 from . import functional, nn, ops, reference
 from .backends import BACKENDS, available_backends
-from .functional import conv_dynamic_routing, dynamic_routing, margin_loss, reconstruction_loss, route_votes, squash
-from .nn import (CapsNet, CapsNetOutput, CapsuleLoss, ConvCaps2d, Decoder, DigitCaps, MarginLoss, PrimaryCaps,
-                 convert_weight)
+from .functional import (conv_dynamic_routing, conv_em_routing, dynamic_routing, em_route_votes, em_routing, margin_loss,
+                         reconstruction_loss, route_votes, spread_loss, squash)
+from .nn import (CapsNet, CapsNetOutput, CapsuleLoss, ClassMatCaps, ConvCaps2d, ConvMatCaps2d, Decoder, DigitCaps,
+                 MarginLoss, MatrixCapsNet, MatrixCapsNetOutput, PrimaryCaps, PrimaryMatCaps, SpreadLoss, convert_weight)
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,16 @@ __all__ = [
     "MarginLoss",
     "CapsuleLoss",
     "convert_weight",
+    "em_routing",
+    "conv_em_routing",
+    "em_route_votes",
+    "spread_loss",
+    "PrimaryMatCaps",
+    "ConvMatCaps2d",
+    "ClassMatCaps",
+    "MatrixCapsNet",
+    "MatrixCapsNetOutput",
+    "SpreadLoss",
     "functional",
     "nn",
     "ops",

@@ -29,6 +29,7 @@ import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
@@ -175,17 +176,22 @@ def kernels(backend: str, op: str = "dynamic_routing", device: Optional[torch.de
 _announced_fallbacks: Set[str] = set()
 
 
-def _resolve_auto(device: torch.device) -> str:
-    """The first backend of ``auto_order(device)`` that can run, announcing a fallback."""
+def _resolve_auto(device: torch.device, op: str = "dynamic_routing") -> str:
+    """The first backend of ``auto_order(device)`` with a kernel for ``op`` that can run,
+    announcing a fallback; the reference when no backend has a kernel for ``op``."""
     passed_over = []
-    for name in auto_order(device):
+    candidates = [name for name in auto_order(device) if has_kernel(name, op)]
+    if not candidates:
+        return "reference"
+    for name in candidates:
         reason = unavailable_reason(name, device)
         if reason is None:
             if passed_over:
                 _announce_fallback(device, name, passed_over)
             return name
         passed_over.append((name, reason))
-    raise AssertionError(f"no backend in auto_order({device}) can run; 'torch' always can")
+    _announce_fallback(device, "reference", passed_over)
+    return "reference"
 
 
 def _announce_fallback(device: torch.device, chosen: str, passed_over: List[Tuple[str, str]]) -> None:
@@ -204,14 +210,31 @@ def _announce_fallback(device: torch.device, chosen: str, passed_over: List[Tupl
     )
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for a call on ``device``: "auto" resolved, a forced one checked."""
+def has_kernel(backend: str, op: str) -> bool:
+    """Whether ``backend`` implements ``op``: the reference implements every op; a kernel
+    backend, when fastcaps/kernels/<folder>/<op>.py exists."""
+    folder = REGISTRY[backend].kernel_package
+    return folder is None or (folder, op) in _KERNEL_FILES
+
+
+# (folder, op) for every fastcaps/kernels/<folder>/<op>.py, listed once at import (not
+# imported; a set lookup, so that torch.compile traces has_kernel without a graph break).
+_KERNEL_FILES = frozenset((path.parent.name, path.stem)
+                          for path in (Path(__file__).resolve().parent / "kernels").glob("*/*.py"))
+
+
+def resolve_backend(backend: str, device: torch.device, op: str = "dynamic_routing",
+                    where: Optional[str] = None) -> str:
+    """The concrete backend for a call of ``op`` on ``device``: "auto" resolved, a forced one
+    checked. "auto" passes over the backends that have no kernel for ``op`` (Triton has none
+    for route_votes yet) and takes the reference when none has; naming one of them is an
+    error that says so, never a fallback."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         backend = os.environ.get("FASTCAPS_BACKEND", "auto") or "auto"
         if backend == "auto":
-            return _resolve_auto(device)
+            return _resolve_auto(device, op)
         source = "FASTCAPS_BACKEND"
     else:
         source = "backend"
@@ -220,6 +243,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"{source}={backend!r} is not a fastcaps backend; expected 'auto' or one of "
             f"{', '.join(repr(b) for b in BACKENDS)}"
         )
+    if not has_kernel(backend, op):
+        implemented = [name for name in BACKENDS if has_kernel(name, op)]
+        raise ValueError(f"{where or op}: {source}={backend!r} has no kernel for {op} yet; expected one of "
+                         f"{', '.join(repr(b) for b in implemented)}")
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"{source}={backend!r} cannot run on {device}: {reason}")

@@ -54,7 +54,7 @@ class RoutingShape:
 
 class RoutingInputs(NamedTuple):
     u: Tensor  # (B, I, Din)
-    weight: Tensor  # (J, I, D, Din)
+    weight: Optional[Tensor]  # (J, I, D, Din); None for given votes (u holds them)
     bias: Optional[Tensor]  # (J, D) or None
     grad_v: Tensor  # (B, J, D): the gradient a backward is taken along
 
@@ -178,3 +178,18 @@ class VotesShape:
 
     def __str__(self) -> str:
         return f"B{self.batch} P{self.positions} I{self.in_caps} J{self.out_caps} D{self.out_dim}"
+
+
+def make_votes_inputs(shape: VotesShape, seed: int, bias: bool = False, dtype: torch.dtype = torch.float64,
+                      device="cpu") -> RoutingInputs:
+    """``make_inputs`` for routing from given votes: ``u`` holds the votes (batch, positions, I,
+    J, D), of length about 2 so that the couplings move away from 1/J; ``weight`` is None."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*size, std=1.0):
+        return torch.randn(*size, generator=generator, dtype=torch.float64) * std
+
+    votes = normal(*shape.votes_shape, std=2.0 / math.sqrt(shape.out_dim))
+    b = normal(shape.out_caps, shape.out_dim, std=0.5) if bias else None
+    grad_v = normal(shape.batch, shape.positions, shape.out_caps, shape.out_dim)
+    return RoutingInputs(*(None if t is None else t.to(device=device, dtype=dtype) for t in (votes, None, b, grad_v)))

@@ -3,7 +3,6 @@ choice, then the op (or the reference for backend="reference")."""
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from torch import Tensor
@@ -80,21 +79,8 @@ def route_votes(
         v: (..., J, D) in votes' dtype.
     """
     check_votes_args(votes, bias, iterations, detach_routing, leaky)
-    backend = resolve_votes_backend(backend, votes.device)
+    backend = resolve_backend(backend, votes.device, "route_votes", "route_votes")
     if backend == "reference":
         return reference.route_given_votes(votes, bias, iterations, detach_routing, leaky, upcast=True)
     v, _ = ops.route_votes(votes, bias, iterations, detach_routing, leaky, backend)
     return v
-
-
-def resolve_votes_backend(backend: str, device) -> str:
-    """route_votes' backend: "auto" as for dynamic_routing, except that "triton" has no kernel
-    for votes yet, so on CUDA "auto" takes "torch"; naming "triton" is an error that says so,
-    not a fallback."""
-    if backend == "auto" and device.type == "cuda" and not os.environ.get("FASTCAPS_BACKEND"):
-        return "torch"
-    backend = resolve_backend(backend, device)
-    if backend == "triton":
-        raise ValueError("route_votes: backend='triton' has no kernel for votes yet; use 'torch', 'cpu' (on CPU "
-                         "tensors) or 'reference'")
-    return backend

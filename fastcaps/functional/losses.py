@@ -1,4 +1,5 @@
-"""The paper's losses: the margin loss (eq. 4) and the reconstruction loss (section 4.1)."""
+"""The papers' losses: the margin loss (eq. 4) and the reconstruction loss (section 4.1) of
+Sabour et al. 2017; the spread loss of Hinton et al. 2018 (matrix capsules)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from torch import Tensor
 
 from ..validation import describe
 
-__all__ = ["margin_loss", "reconstruction_loss"]
+__all__ = ["margin_loss", "reconstruction_loss", "spread_loss"]
 
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -102,3 +103,28 @@ def reconstruction_loss(reconstruction: Tensor, images: Tensor, reduction: str =
         )
     difference = reconstruction.reshape(batch, -1) - images.reshape(batch, -1).to(reconstruction.dtype)
     return _reduce(difference.pow(2).sum(dim=1), reduction, "reconstruction_loss")
+
+
+def spread_loss(activations: Tensor, target: Tensor, margin: float | Tensor = 0.2, reduction: str = "mean") -> Tensor:
+    """The spread loss of matrix capsules (Hinton, Sabour & Frosst 2018, section 3):
+
+        L = sum over classes i != t of max(0, m - (a_t - a_i))^2
+
+    per sample, for the target class t; the paper grows the margin m from 0.2 to 0.9
+    during training (``fastcaps.SpreadLoss`` steps that schedule).
+
+    Args:
+        activations: (B, K) class capsule activations.
+        target: (B,) integer class labels.
+        margin: m, a number or a 0-d tensor.
+        reduction: "mean" over the batch (default), "sum", or "none" for (B,).
+    """
+    if not isinstance(activations, Tensor) or activations.dim() != 2 or not activations.is_floating_point():
+        raise ValueError(f"spread_loss: activations must be a floating (batch, classes) tensor, "
+                         f"got {describe(activations)}")
+    if not isinstance(target, Tensor) or target.is_floating_point() or target.is_complex():
+        raise TypeError(f"spread_loss: target must be integer class labels, got {describe(target)}")
+    one_hot = _class_targets(target, activations, "spread_loss")
+    a_target = (activations * one_hot).sum(dim=1, keepdim=True)
+    spread = torch.relu(margin - (a_target - activations)).pow(2) * (1 - one_hot)
+    return _reduce(spread.sum(dim=1), reduction, "spread_loss")

@@ -1,13 +1,16 @@
-"""The paper's losses as modules."""
+"""The papers' losses as modules."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+
+from ..validation import describe
 
 from .. import functional as F
 from .capsnet import CapsNetOutput
 
-__all__ = ["MarginLoss", "CapsuleLoss"]
+__all__ = ["MarginLoss", "CapsuleLoss", "SpreadLoss"]
 
 
 class MarginLoss(nn.Module):
@@ -48,3 +51,39 @@ class CapsuleLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reconstruction_weight={self.reconstruction_weight}"
+
+
+class SpreadLoss(nn.Module):
+    """``fastcaps.functional.spread_loss`` with the paper's margin schedule: m grows linearly
+    from ``margin_start`` (0.2) to ``margin_end`` (0.9) over ``steps`` calls of ``step()``
+    (the caller steps it, e.g. once per epoch or per batch), then stays there.
+
+    The count of steps taken is a buffer, so it travels with ``state_dict()`` and a resumed
+    run continues the schedule where it stopped. ``margin`` is the current m.
+    """
+
+    def __init__(self, margin_start: float = 0.2, margin_end: float = 0.9, steps: int = 10,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"SpreadLoss: steps must be an int >= 1, got {describe(steps)}")
+        for name, value in (("margin_start", margin_start), ("margin_end", margin_end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"SpreadLoss: {name} must be a finite number >= 0, got {describe(value)}")
+        self.margin_start, self.margin_end, self.steps, self.reduction = margin_start, margin_end, steps, reduction
+        self.register_buffer("steps_taken", torch.zeros((), dtype=torch.long))
+
+    @property
+    def margin(self) -> float:
+        done = min(int(self.steps_taken), self.steps) / self.steps
+        return self.margin_start + (self.margin_end - self.margin_start) * done
+
+    def step(self) -> None:
+        self.steps_taken += 1
+
+    def forward(self, activations: Tensor, target: Tensor) -> Tensor:
+        return F.spread_loss(activations, target, self.margin, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"margin_start={self.margin_start}, margin_end={self.margin_end}, steps={self.steps}, "
+                f"margin={self.margin:.4g}, reduction={self.reduction!r}")

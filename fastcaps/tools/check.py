@@ -3,7 +3,9 @@
 For each case (shape, iterations, detach, bias, leaky) and dtype, a backend runs forward and
 backward on fresh random inputs and is compared with the oracle, the reference evaluated
 in float64. Errors are normwise: max|x - x_ref| / max|x_ref| per tensor, for v and the
-gradients of u, weight and bias. Every float64 row also checks the backend's gradients
+gradients of u, weight and bias (for routing from given votes, ``route_votes``: of the votes,
+in the "grad u" column, and bias). A backend with no kernel for an entry point is skipped
+there, and the summary says so. Every float64 row also checks the backend's gradients
 against a central finite difference of its own forward along a random direction, which
 does not depend on the reference (so the reference's float64 row tests something too).
 """
@@ -21,9 +23,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import BACKENDS, checked_by_default
-from ..cases import ConvShape, RoutingShape, make_conv_inputs, make_inputs
-from ..functional import conv_dynamic_routing, dynamic_routing
+from ..backends import BACKENDS, checked_by_default, has_kernel
+from ..cases import ConvShape, RoutingShape, VotesShape, make_conv_inputs, make_inputs, make_votes_inputs
+from ..functional import conv_dynamic_routing, dynamic_routing, route_votes
 from .tables import format_table
 
 # Normwise relative tolerance per dtype, for v and every gradient.
@@ -35,7 +37,7 @@ _FD_STEP = 1e-6
 
 @dataclass(frozen=True)
 class Case:
-    shape: Union[RoutingShape, ConvShape]  # a ConvShape checks conv_dynamic_routing
+    shape: Union[RoutingShape, ConvShape, VotesShape]  # ConvShape: conv_dynamic_routing; VotesShape: route_votes
     iterations: int
     detach_routing: bool
     bias: bool
@@ -54,7 +56,7 @@ class Row:
     dtype: torch.dtype
     error_v: float
     error_grad_u: float
-    error_grad_weight: float
+    error_grad_weight: Optional[float]  # None for route_votes (no weight)
     error_grad_bias: Optional[float]  # None without a bias
     error_fd: Optional[float]  # float64 rows only
 
@@ -86,12 +88,16 @@ CONV_SHAPES = [ConvShape(2, 3, 4, 7, 6, 4, 5, (3, 3), (2, 2), (1, 1)), ConvShape
                ConvShape(1, 3, 2, 6, 7, 2, 3, (2, 3), (1, 2), (0, 1), (2, 1)), ConvShape(2, 2, 3, 4, 4, 3, 5, (4, 4))]
 
 
+# Routing from given votes: one capsule of each kind, odd sizes, and a conv layer's window.
+VOTES_SHAPES = [VotesShape(1, 1, 1, 1, 1), VotesShape(2, 3, 7, 3, 5), VotesShape(1, 4, 72, 8, 16)]
+
+
 def default_cases() -> List[Case]:
-    """MNIST DigitCaps at a small batch, odd shapes, and convolutional layers (CONV_SHAPES), with
-    every routing option."""
+    """MNIST DigitCaps at a small batch, odd shapes, convolutional layers (CONV_SHAPES) and
+    routing from given votes (VOTES_SHAPES), with every routing option."""
     shapes = [RoutingShape(5, 1152, 8, 10, 16), RoutingShape(1, 1, 1, 1, 1), RoutingShape(3, 7, 3, 3, 5),
               RoutingShape(17, 7, 8, 10, 16), RoutingShape(2, 33, 4, 4, 12)]
-    return _options(shapes + CONV_SHAPES)
+    return _options(shapes + CONV_SHAPES + VOTES_SHAPES)
 
 
 def small_cases() -> List[Case]:
@@ -106,16 +112,23 @@ def full_cases() -> List[Case]:
 
 
 def case_inputs(case: Case, seed: int):
-    """float64 (u, weight, bias or None, grad_v) with routing far from uniform couplings."""
-    make = make_conv_inputs if isinstance(case.shape, ConvShape) else make_inputs
+    """float64 (u, weight, bias or None, grad_v) with routing far from uniform couplings
+    (route_votes: u holds the votes and weight is None)."""
+    make = {ConvShape: make_conv_inputs, VotesShape: make_votes_inputs}.get(type(case.shape), make_inputs)
     return make(case.shape, seed, bias=case.bias)
 
 
+def op_of(case: Case) -> str:
+    """The op a case's entry point runs on (what a backend needs a kernel for)."""
+    return "route_votes" if isinstance(case.shape, VotesShape) else "dynamic_routing"
+
+
 def _forward_backward(route: Callable, u, weight, bias, grad_v, dtype):
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (u, weight) + ((bias,) if bias is not None else ())]
-    v = route(*leaves[:2], leaves[2] if bias is not None else None)
-    grads = torch.autograd.grad(v, leaves, grad_v.to(dtype))
-    return [v.detach().double()] + [g.double() for g in grads]
+    """[v, grad u, grad weight, grad bias], None where an input is absent."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in (u, weight, bias)]
+    v = route(*leaves)
+    grads = iter(torch.autograd.grad(v, [t for t in leaves if t is not None], grad_v.to(dtype)))
+    return [v.detach().double()] + [None if t is None else next(grads).double() for t in leaves]
 
 
 def normwise_error(value: Tensor, expected: Tensor) -> float:
@@ -135,10 +148,11 @@ def _finite_difference_error(route: Callable, case: Case, u, weight, bias, grad_
     its couplings c_r held constant, so L is differentiated through that frozen forward.
     """
     generator = torch.Generator().manual_seed(seed + 1)
-    inputs = [u, weight] + ([bias] if bias is not None else [])
-    directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in inputs]
+    inputs = [u, weight, bias]
+    directions = [None if t is None else torch.randn(t.shape, generator=generator, dtype=torch.float64)
+                  for t in inputs]
     if case.detach_routing and case.iterations > 1:
-        if isinstance(case.shape, ConvShape):
+        if not isinstance(case.shape, RoutingShape):
             return None  # the frozen forward below is the dense one; the oracle still checks these rows
         _, couplings = reference.route(u, weight, bias, case.iterations, True, return_couplings=True,
                                        leaky=case.leaky)
@@ -149,13 +163,13 @@ def _finite_difference_error(route: Callable, case: Case, u, weight, bias, grad_
             return reference.squash(s if b_ is None else s + b_)
 
     def loss(step):
-        moved = [t + step * d for t, d in zip(inputs, directions)]
+        moved = [None if t is None else t + step * d for t, d in zip(inputs, directions)]
         with torch.no_grad():
-            v = route(moved[0], moved[1], moved[2] if bias is not None else None)
+            v = route(*moved)
         return (v * grad_v).sum().item()
 
     numeric = (loss(_FD_STEP) - loss(-_FD_STEP)) / (2 * _FD_STEP)
-    analytic = sum((g * d).sum().item() for g, d in zip(grads, directions))
+    analytic = sum((g * d).sum().item() for g, d in zip(grads, directions) if g is not None)
     return abs(numeric - analytic) / max(abs(analytic), 1e-12)
 
 
@@ -166,6 +180,8 @@ def _router(backend: str, case: Case, device: str = "cpu") -> Callable:
 
     def route(u, w, b):
         u, w, b = (None if t is None else t.to(device) for t in (u, w, b))
+        if isinstance(shape, VotesShape):
+            return route_votes(u, b, case.iterations, case.detach_routing, case.leaky, backend).cpu()
         if isinstance(shape, ConvShape):
             return conv_dynamic_routing(u, w, b, case.iterations, shape.stride, shape.padding, shape.dilation,
                                         case.detach_routing, case.leaky, backend).cpu()
@@ -188,7 +204,7 @@ def check_case(backend: str, case: Case, dtype: torch.dtype, seed: int = 0, orac
         oracle = oracle_for(case, seed)
     route = _router(backend, case, device)
     results = _forward_backward(route, u, weight, bias, grad_v, dtype)
-    errors = [normwise_error(x, y) for x, y in zip(results, oracle)]
+    errors = [None if x is None else normwise_error(x, y) for x, y in zip(results, oracle)]
     fd = None
     if dtype == torch.float64:
         fd = _finite_difference_error(route, case, u, weight, bias, grad_v, results[1:], seed)
@@ -229,11 +245,14 @@ def run(
     on_row: Optional[Callable[[Row], None]] = None,
     device: str = "cpu",
 ) -> List[Row]:
-    """Every backend x case x dtype on ``device``; the float64 oracle (CPU) is computed once per case."""
+    """Every backend x case x dtype on ``device``; the float64 oracle (CPU) is computed once per
+    case. A backend with no kernel for a case's op (``has_kernel``) is skipped there."""
     rows = []
     for index, case in enumerate(cases):
         oracle = oracle_for(case, seed + index)
         for backend, dtype in itertools.product(backends, dtypes):
+            if not has_kernel(backend, op_of(case)):
+                continue
             row = check_case(backend, case, dtype, seed + index, oracle, device)
             rows.append(row)
             if on_row is not None:
@@ -306,6 +325,10 @@ def check_command(args: argparse.Namespace) -> int:
     )
     for row in failed:
         print("FAILED: " + "  ".join(format_row(row)))
+    for op in sorted({op_of(case) for case in cases}):
+        lacking = [backend for backend in backends if not has_kernel(backend, op)]
+        if lacking:
+            print(f"not checked: {op} on {', '.join(lacking)} (no kernel for it yet)")
     return 1 if failed else 0
 
 
