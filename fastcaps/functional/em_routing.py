@@ -1,10 +1,11 @@
 """``fastcaps.functional.em_routing``, ``conv_em_routing`` and ``em_route_votes``: EM routing
 between matrix capsules (Hinton, Sabour & Frosst 2018). Validation and backend choice, then
-the implementation the backend names.
+the op (``fastcaps::em_routing``), or the reference for backend="reference".
 
-No backend has EM kernels yet (the ``torch`` spec kernel and the fused C++/Triton kernels
-are the next steps): ``backend="auto"`` runs the reference, and naming a kernel backend is an
-error that says so. The algorithm, its options and their defaults: docs/em.md.
+The ``torch`` backend has EM kernels (the executable spec, with a hand-written backward);
+the fused C++ and Triton kernels are the next step, so ``backend="auto"`` takes ``torch`` on
+every device, and naming ``cpu`` or ``triton`` is an error that says so. ``em_route_votes``
+runs the reference. The algorithm, its options and their defaults: docs/em.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Sequence, Union
 
 from torch import Tensor
 
-from .. import reference
+from .. import ops, reference
 from ..backends import resolve_backend
 from ..validation import check_em_args, check_em_votes_args, checked_conv_em_call, inverse_temperatures
 
@@ -43,7 +44,7 @@ def em_routing(poses: Tensor, activations: Tensor, weight: Tensor, beta_u: Tenso
             (x + 0.5) / W) to the first two entries of the last column of its votes.
         eps: sum_i r_ij is clamped to at least eps before it divides.
         variance_floor: added to every sigma^2, so sigma > 0 when votes agree exactly.
-        backend: "auto" or "reference" (the only implementation so far).
+        backend: "auto" (``torch``: no fused EM kernel yet), "torch" or "reference".
 
     Returns:
         (poses, activations) of the parents, (B, J, P, P) and (B, J), in poses' dtype
@@ -52,9 +53,14 @@ def em_routing(poses: Tensor, activations: Tensor, weight: Tensor, beta_u: Tenso
     lambdas = inverse_temperatures(inverse_temperature, iterations, "em_routing")
     check_em_args(poses, activations, weight, beta_u, beta_a, iterations, detach_routing, coordinate_addition, eps,
                   variance_floor)
-    resolve_backend(backend, poses.device, "em_routing", "em_routing")
-    return reference.route_em(poses, activations, weight, beta_u, beta_a, lambdas, detach_routing,
-                              coordinate_addition, eps, variance_floor, upcast=True)
+    backend = resolve_backend(backend, poses.device, "em_routing", "em_routing")
+    if backend == "reference":
+        return reference.route_em(poses, activations, weight, beta_u, beta_a, lambdas, detach_routing,
+                                  coordinate_addition, eps, variance_floor, upcast=True)
+    out_poses, out_activations, _ = ops.em_routing(poses, activations, weight, beta_u, beta_a, lambdas, [1, 1],
+                                                   [0, 0], [1, 1], "per_window", coordinate_addition,
+                                                   detach_routing, float(eps), float(variance_floor), backend)
+    return out_poses, out_activations
 
 
 def conv_em_routing(poses: Tensor, activations: Tensor, weight: Tensor, beta_u: Tensor, beta_a: Tensor,
@@ -83,9 +89,14 @@ def conv_em_routing(poses: Tensor, activations: Tensor, weight: Tensor, beta_u: 
     stride, padding, dilation, lambdas = checked_conv_em_call(
         poses, activations, weight, beta_u, beta_a, iterations, stride, padding, dilation, inverse_temperature,
         normalization, detach_routing, eps, variance_floor)
-    resolve_backend(backend, poses.device, "em_routing", "conv_em_routing")
-    return reference.route_conv_em(poses, activations, weight, beta_u, beta_a, lambdas, stride, padding, dilation,
-                                   normalization, detach_routing, eps, variance_floor, upcast=True)
+    backend = resolve_backend(backend, poses.device, "em_routing", "conv_em_routing")
+    if backend == "reference":
+        return reference.route_conv_em(poses, activations, weight, beta_u, beta_a, lambdas, stride, padding,
+                                       dilation, normalization, detach_routing, eps, variance_floor, upcast=True)
+    out_poses, out_activations, _ = ops.em_routing(poses, activations, weight, beta_u, beta_a, lambdas,
+                                                   list(stride), list(padding), list(dilation), normalization, False,
+                                                   detach_routing, float(eps), float(variance_floor), backend)
+    return out_poses, out_activations
 
 
 def em_route_votes(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int = 3,
@@ -104,6 +115,7 @@ def em_route_votes(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: T
     """
     lambdas = inverse_temperatures(inverse_temperature, iterations, "em_route_votes")
     check_em_votes_args(votes, activations, beta_u, beta_a, iterations, detach_routing, eps, variance_floor)
-    resolve_backend(backend, votes.device, "em_routing", "em_route_votes")
+    # Only the reference routes given votes: no backend has an "em_route_votes" kernel.
+    resolve_backend(backend, votes.device, "em_route_votes", "em_route_votes")
     return reference.em_route_votes(votes, activations, beta_u, beta_a, iterations, lambdas, detach_routing,
                                     eps=eps, variance_floor=variance_floor, upcast=True)
