@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -17,7 +17,8 @@ from torch import Tensor
 from .reference import squash
 from .validation import conv_output_size
 
-__all__ = ["RoutingShape", "RoutingInputs", "make_inputs", "INITS", "ConvShape", "make_conv_inputs", "VotesShape"]
+__all__ = ["RoutingShape", "RoutingInputs", "make_inputs", "INITS", "ConvShape", "make_conv_inputs", "VotesShape",
+           "make_votes_inputs", "EMShape", "make_em_inputs"]
 
 
 @dataclass(frozen=True)
@@ -193,3 +194,77 @@ def make_votes_inputs(shape: VotesShape, seed: int, bias: bool = False, dtype: t
     b = normal(shape.out_caps, shape.out_dim, std=0.5) if bias else None
     grad_v = normal(shape.batch, shape.positions, shape.out_caps, shape.out_dim)
     return RoutingInputs(*(None if t is None else t.to(device=device, dtype=dtype) for t in (votes, None, b, grad_v)))
+
+
+@dataclass(frozen=True)
+class EMShape:
+    """An EM-routing call: poses (batch, in_caps, P, P, *grid) and activations (batch, in_caps,
+    *grid) route to out_caps parents. ``kernel`` given: a convolutional layer (weight
+    (out_caps, in_caps, kh, kw, P, P); stride, padding, dilation pairs; ``normalization``);
+    ``kernel`` None: a class layer (weight (out_caps, in_caps, P, P), shared over the grid;
+    an empty grid is a dense layer)."""
+    batch: int
+    in_caps: int
+    out_caps: int
+    grid: Tuple[int, ...] = ()
+    pose: int = 4
+    kernel: Optional[Tuple[int, int]] = None
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int] = (0, 0)
+    dilation: Tuple[int, int] = (1, 1)
+    normalization: str = "per_child"
+    coordinate_addition: bool = False
+
+    @property
+    def conv(self) -> bool:
+        return self.kernel is not None
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        middle = tuple(self.kernel) if self.conv else ()
+        return (self.out_caps, self.in_caps, *middle, self.pose, self.pose)
+
+    @property
+    def windows(self) -> int:
+        """Routings per sample: the output positions of a conv layer, 1 otherwise."""
+        if not self.conv:
+            return 1
+        return math.prod(conv_output_size(*axis) for axis in
+                         zip(self.grid, self.kernel, self.stride, self.padding, self.dilation))
+
+    @property
+    def children(self) -> int:
+        """Capsules each parent routes from."""
+        if self.conv:
+            return self.in_caps * self.kernel[0] * self.kernel[1]
+        return self.in_caps * math.prod(self.grid)
+
+    def with_batch(self, batch: int) -> "EMShape":
+        return replace(self, batch=batch)
+
+    def __str__(self) -> str:
+        grid = "x".join(map(str, self.grid)) or "dense"
+        if self.conv:
+            extras = "".join(f" {name}{a}x{b}" for name, (a, b), plain in
+                             (("s", self.stride, (1, 1)), ("p", self.padding, (0, 0)), ("d", self.dilation, (1, 1)))
+                             if (a, b) != plain)
+            return (f"B{self.batch} I{self.in_caps} {grid} J{self.out_caps} P{self.pose} "
+                    f"K{self.kernel[0]}x{self.kernel[1]}{extras} {self.normalization}")
+        return (f"B{self.batch} I{self.in_caps} {grid} J{self.out_caps} P{self.pose} class"
+                f"{' +coords' if self.coordinate_addition else ''}")
+
+
+def make_em_inputs(shape: EMShape, seed: int, dtype: torch.dtype = torch.float64, device="cpu") -> List[Tensor]:
+    """[poses, activations, weight, beta_u, beta_a]: unit-normal poses, activations uniform in
+    [0, 1], weight ~ Normal(0, 1 / sqrt(P)) (the layers' initialisation), betas ~ Normal(0, 0.5),
+    drawn in float64 from a generator seeded with ``seed``, then cast and moved."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*size, std=1.0):
+        return torch.randn(*size, generator=generator, dtype=torch.float64) * std
+
+    poses = draw(shape.batch, shape.in_caps, shape.pose, shape.pose, *shape.grid)
+    activations = torch.rand(shape.batch, shape.in_caps, *shape.grid, generator=generator, dtype=torch.float64)
+    tensors = [poses, activations, draw(*shape.weight_shape, std=shape.pose ** -0.5), draw(shape.out_caps, std=0.5),
+               draw(shape.out_caps, std=0.5)]
+    return [t.to(device=device, dtype=dtype) for t in tensors]

@@ -154,3 +154,23 @@ def test_workers_import_this_fastcaps_from_inside_another_checkout(tmp_path):
                                env=bench._worker_env(None), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "the other checkout" not in completed.stderr
     assert "usage: python -m fastcaps.tools.bench.engine" in completed.stderr, completed.stderr[-2000:]
+
+
+def test_the_em_case_counts_votes_and_routing_and_runs_on_the_kernels_it_has():
+    from fastcaps.cases import EMShape
+    em = bench.CASES["em"]
+    # The paper's ConvCaps1 on smallNORB: 6 x 6 windows of 288 children, J = 32, 4x4 poses.
+    assert (em.windows, em.children) == (36, 288)
+    per_vote = 2 * 64 + 5 * 3 * 16 + 4 * 2 * 16
+    assert bench.flops(em, 3, "forward") == 36 * 288 * 32 * per_vote
+    planned = bench.points(["em"], None, [3], ["forward"], ["reference", "torch", "cpu", "triton"])
+    assert {(p.batch, p.provider) for p in planned} == {(b, p) for b in (1, 8, 32) for p in ("reference", "torch")}
+    for point in planned:
+        assert bench._point_from_json(json.loads(json.dumps(bench._point_to_json(point)))) == point
+    small = EMShape(2, 3, 4, (5, 5), 4, (3, 3), (2, 2))
+    for provider in ("reference", "reference-compiled", "torch"):
+        for mode in bench.MODES:
+            runner = bench.make_runner(bench.Point("em", small, 2, mode, provider))
+            runner.run()
+    dense = EMShape(2, 3, 4, (2, 3), 4, coordinate_addition=True)
+    bench.make_runner(bench.Point("em", dense, 2, "forward+backward", "torch")).run()

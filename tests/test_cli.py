@@ -43,3 +43,12 @@ def test_a_wrong_gradient_is_caught_by_the_finite_difference_too(monkeypatch):
     monkeypatch.setattr(torch_kernels, "KERNELS", torch_kernels.KERNELS._replace(backward=wrong_backward))
     row = check.check_case("torch", check.Case(RoutingShape(2, 7, 3, 3, 5), 3, False, False), torch.float64)
     assert not row.passed and row.error_fd > check.FD_TOLERANCE
+
+
+def test_check_has_em_rows_for_the_backends_with_an_em_kernel():
+    from fastcaps.tools import check_em
+    cases = check_em.em_cases()[:2] + check_em.em_cases()[-2:]
+    rows = check_em.run_em(["reference", "torch", "cpu", "triton"], [torch.float64, torch.float32], cases)
+    assert len(rows) == 8 and {row.backend for row in rows} == {"torch"} and all(row.passed for row in rows)
+    assert all(len(row.errors) == 7 and max(row.errors) < 1e-4 for row in rows)
+    assert "g beta_a" in check_em.summary(rows)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from fastcaps.tools.train.data import IDXError, load_mnist_idx, load_sklearn_digits, read_idx
+from fastcaps.tools.train.smallnorb import (NORBError, SMALLNORB_FILES, centre_crop, load_smallnorb,
+                                           norb_train_views, read_norb)
 
 
 def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
@@ -122,3 +124,80 @@ def test_sklearn_digits_split():
     assert torch.equal(again.labels, train.labels) and not torch.equal(other.labels, train.labels)
     with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\)"):
         load_sklearn_digits(test_fraction=1.0)
+
+
+
+# --- smallNORB ----------------------------------------------------------------------------
+
+def _norb_bytes(array: np.ndarray) -> bytes:
+    magic = {np.dtype(np.uint8): 0x1E3D4C55, np.dtype(np.int32): 0x1E3D4C54}[array.dtype]
+    dims = list(array.shape) + [1] * max(0, 3 - array.ndim)
+    header = struct.pack("<ii", magic, array.ndim) + b"".join(struct.pack("<i", n) for n in dims)
+    return header + array.tobytes()
+
+
+def write_smallnorb(folder, count, gzipped=False, seed=0):
+    """The six smallNORB files with ``count`` random entries per split (96 x 96 stereo pairs)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split in ("train", "test"):
+        pairs = rng.integers(0, 256, size=(count, 2, 96, 96), dtype=np.uint8)
+        labels = rng.integers(0, 5, size=count).astype(np.int32)
+        info = rng.integers(0, 9, size=(count, 4)).astype(np.int32)
+        for kind, array in (("dat", pairs), ("cat", labels), ("info", info)):
+            _write(os.path.join(folder, SMALLNORB_FILES[split].format(kind)), _norb_bytes(array), gzipped)
+        arrays[split] = (pairs, labels)
+    return arrays
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_smallnorb_round_trip_and_preprocessing(tmp_path, gzipped):
+    arrays = write_smallnorb(tmp_path, 6, gzipped)
+    train, test = load_smallnorb(str(tmp_path), "both", split_size=6)
+    assert train.images.shape == (6, 2, 48, 48) and train.images.dtype == torch.float32
+    assert torch.equal(test.labels, torch.from_numpy(arrays["test"][1].astype(np.int64)))
+    flat = train.images.reshape(12, -1)                # each camera's image on its own
+    torch.testing.assert_close(flat.mean(1), torch.zeros(12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(1), torch.ones(12), atol=1e-5, rtol=0)
+    left, _ = load_smallnorb(str(tmp_path), "left", split_size=6)
+    # 96 -> 48 by 2 x 2 means, then standardised: the left camera is channel 0 of "both".
+    pixels = torch.from_numpy(arrays["train"][0][:, :1].astype(np.float32) / 255)
+    expected = torch.nn.functional.avg_pool2d(pixels, 2)
+    expected = (expected - expected.mean((2, 3), keepdim=True)) / expected.std((2, 3), keepdim=True)
+    torch.testing.assert_close(left.images, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left.images[:, 0], train.images[:, 0])
+    generator = torch.Generator().manual_seed(0)
+    views = norb_train_views(train.images, generator)
+    assert views.shape == (6, 2, 32, 32) and not torch.equal(views, centre_crop(train.images))
+    assert centre_crop(train.images).shape == (6, 2, 32, 32)
+    torch.testing.assert_close(centre_crop(train.images), train.images[..., 8:40, 8:40])
+
+
+def test_smallnorb_errors_name_the_file_and_the_problem(tmp_path):
+    write_smallnorb(tmp_path, 4)
+    with pytest.raises(NORBError, match="training-dat.mat: 4 entries; smallNORB's train split has 24300"):
+        load_smallnorb(str(tmp_path))
+    dat = tmp_path / SMALLNORB_FILES["test"].format("dat")
+    data = dat.read_bytes()
+    dat.write_bytes(data[:-10])
+    with pytest.raises(NORBError, match="testing-dat.mat: truncated"):
+        load_smallnorb(str(tmp_path), split_size=4)
+    dat.write_bytes(b"\x00" * 64)
+    with pytest.raises(NORBError, match="not a smallNORB matrix"):
+        read_norb(str(dat))
+    cat = tmp_path / SMALLNORB_FILES["train"].format("cat")
+    cat.write_bytes(_norb_bytes(np.array([0, 1, 7, 2], dtype=np.int32)))
+    dat.write_bytes(data)
+    with pytest.raises(NORBError, match="category 7 at index 2"):
+        load_smallnorb(str(tmp_path), split_size=4)
+    info = tmp_path / SMALLNORB_FILES["test"].format("info")
+    info.write_bytes(_norb_bytes(np.zeros((4, 3), dtype=np.int32)))
+    cat.write_bytes(_norb_bytes(np.zeros(4, dtype=np.int32)))
+    with pytest.raises(NORBError, match=r"testing-info.mat: holds int32 of shape \(4, 3\)"):
+        load_smallnorb(str(tmp_path), split_size=4)
+    os.remove(info)
+    with pytest.raises(FileNotFoundError, match="testing-info.mat .* not found"):
+        load_smallnorb(str(tmp_path), split_size=4)
+    with pytest.raises(ValueError, match="camera must be one of"):
+        load_smallnorb(str(tmp_path), "middle")

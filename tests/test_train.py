@@ -91,7 +91,9 @@ def test_resume_refuses_other_settings(tmp_path):
     ("lr", 0.0, "lr must be > 0"),
     ("lr_decay", 1.5, r"lr_decay must be in \(0, 1\]"),
     ("max_shift", -1, "max_shift must be >= 0"),
-    ("model", "em", "model must be one of capsnet, conv"),
+    ("model", "emm", "model must be one of capsnet, conv, em"),
+    ("em_sizes", (8, 4, 4), r"em_sizes must be four ints >= 1"),
+    ("camera", "top", "camera must be left, right or both"),
 ])
 def test_config_errors_name_the_setting(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -181,3 +183,32 @@ def test_torchrun_trains_as_one_process_does(tmp_path):
     for key in ("train_loss", "test_loss"):
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
     assert two["train_accuracy"] == one["train_accuracy"] and two["test_accuracy"] == one["test_accuracy"]
+
+
+EM_TINY = dict(limit=64, batch_size=16, model="em", em_sizes=(8, 2, 2, 2), progress=False)
+
+
+def test_the_em_model_trains_resumes_and_steps_the_spread_margin(tmp_path):
+    uninterrupted = T.train(T.TrainConfig(epochs=2, out=str(tmp_path / "full"), **EM_TINY))
+    T.train(T.TrainConfig(epochs=1, out=str(tmp_path / "part"), **EM_TINY))
+    state = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert int(state["loss"]["steps_taken"]) == 1 and "class_caps.beta_a" in state["model"]
+    resumed = T.train(T.TrainConfig(epochs=2, out=str(tmp_path / "part"), resume=str(tmp_path / "part" / "checkpoint.pt"),
+                                    **EM_TINY))
+    assert _without_seconds(resumed) == _without_seconds(uninterrupted)
+    assert not (tmp_path / "full" / "reconstructions.png").exists() and (tmp_path / "full" / "curves.png").exists()
+    assert (T.TrainConfig(model="em").iterations, T.TrainConfig(model="em").epochs) == (2, 18)
+    assert (T.TrainConfig().iterations, T.TrainConfig(iterations=1).iterations, T.TrainConfig().lr) == (3, 1, 1e-3)
+
+
+def test_the_em_model_trains_on_smallnorb_files(tmp_path, monkeypatch):
+    from test_data import write_smallnorb
+    from fastcaps.tools.train import smallnorb
+    write_smallnorb(tmp_path / "norb", 40)
+    monkeypatch.setattr(smallnorb, "SPLIT_SIZE", 40)
+    history = T.train(T.TrainConfig(epochs=1, out=str(tmp_path / "out"), data_dir=str(tmp_path / "norb"),
+                                    camera="both", limit=None, batch_size=16, model="em", em_sizes=(4, 2, 2, 2),
+                                    progress=False))
+    assert len(history) == 1 and 0 <= history[0]["test_accuracy"] <= 1
+    with pytest.raises(ValueError, match="holds smallNORB, which --model em trains"):
+        T.train(T.TrainConfig(epochs=1, out=str(tmp_path / "out"), data_dir=str(tmp_path / "norb"), **TINY))

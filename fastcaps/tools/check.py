@@ -5,7 +5,8 @@ backward on fresh random inputs and is compared with the oracle, the reference e
 in float64. Errors are normwise: max|x - x_ref| / max|x_ref| per tensor, for v and the
 gradients of u, weight and bias (for routing from given votes, ``route_votes``: of the votes,
 in the "grad u" column, and bias). A backend with no kernel for an entry point is skipped
-there, and the summary says so. Every float64 row also checks the backend's gradients
+there, and the summary says so. EM routing (``fastcaps::em_routing``) has its own rows
+(check_em.py): poses, activations and the gradients of poses, activations, W, beta_u, beta_a. Every float64 row also checks the backend's gradients
 against a central finite difference of its own forward along a random direction, which
 does not depend on the reference (so the reference's float64 row tests something too).
 """
@@ -26,6 +27,7 @@ from .. import reference
 from ..backends import BACKENDS, checked_by_default, has_kernel
 from ..cases import ConvShape, RoutingShape, VotesShape, make_conv_inputs, make_inputs, make_votes_inputs
 from ..functional import conv_dynamic_routing, dynamic_routing, route_votes
+from . import check_em
 from .tables import format_table
 
 # Normwise relative tolerance per dtype, for v and every gradient.
@@ -317,19 +319,30 @@ def check_command(args: argparse.Namespace) -> int:
         print(format_table([format_row(row) for row in rows], HEADER))
     else:
         print(format_table(_summary(rows), _SUMMARY_HEADER))
+    em_rows = check_em.run_em(backends, dtypes, seed=args.seed) if args.device == "cpu" else []
+    if em_rows:
+        print("\nEM routing (fastcaps::em_routing), errors against the reference in float64:")
+        print(check_em.summary(em_rows))
     failed = [row for row in rows if not row.passed]
+    failed_em = [row for row in em_rows if not row.passed]
     tolerances = ", ".join(f"{str(d).replace('torch.', '')} {t:g}" for d, t in TOLERANCE.items())
+    total, bad = len(rows) + len(em_rows), len(failed) + len(failed_em)
     print(
-        f"\n{len(rows) - len(failed)} passed, {len(failed)} failed in {time.perf_counter() - started:.1f} s "
-        f"(tolerance: {tolerances}; finite difference {FD_TOLERANCE:g})"
+        f"\n{total - bad} passed, {bad} failed in {time.perf_counter() - started:.1f} s "
+        f"(tolerance: {tolerances}; finite difference {FD_TOLERANCE:g}; EM float32: or twice the reference's own "
+        "float32 error)"
     )
     for row in failed:
         print("FAILED: " + "  ".join(format_row(row)))
-    for op in sorted({op_of(case) for case in cases}):
+    for row in failed_em:
+        print(f"FAILED: {row.backend}  EM {row.case.shape}  {row.case.options}  {row.dtype}  "
+              + "  ".join(f"{name} {e:.1e} > {a:.1e}" for name, e, a in zip(check_em.NAMES, row.errors, row.allowed)
+                          if not e <= a))
+    for op in sorted({op_of(case) for case in cases} | {"em_routing"}):
         lacking = [backend for backend in backends if not has_kernel(backend, op)]
         if lacking:
             print(f"not checked: {op} on {', '.join(lacking)} (no kernel for it yet)")
-    return 1 if failed else 0
+    return 1 if failed or failed_em else 0
 
 
 def add_parser(commands) -> None:

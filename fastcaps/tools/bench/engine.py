@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ...backends import auto_order, available_backends
-from ...cases import ConvShape, RoutingShape, VotesShape
+from ...cases import ConvShape, EMShape, RoutingShape, VotesShape
 from .workloads import SHAPES, provider_runs, workload
 
 MODES = ("forward", "forward+backward")
@@ -57,9 +57,11 @@ CASES: Dict[str, object] = {
     "conv": ConvShape(1, 32, 8, 14, 14, 32, 16, (3, 3), (1, 1), (1, 1)),
     # the votes of a 7 x 7 grid of such windows (288 children each), routed as given
     "votes": VotesShape(1, 49, 288, 32, 16),
+    # the EM paper's ConvCaps1 on smallNORB: 32 types of 4x4 poses on 14 x 14, K = 3, stride 2, 32 types out
+    "em": EMShape(1, 32, 32, (14, 14), 4, (3, 3), (2, 2)),
 }
 # The batches of a case when --batch is not given, where the method's (up to 128) would not fit.
-CASE_BATCHES: Dict[str, List[int]] = {"conv": [1, 8], "votes": [1, 8]}
+CASE_BATCHES: Dict[str, List[int]] = {"conv": [1, 8], "votes": [1, 8], "em": [1, 8, 32]}
 
 
 @dataclass(frozen=True)

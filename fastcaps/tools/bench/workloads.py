@@ -4,6 +4,7 @@ provider runs, and its arithmetic (the floor the GFLOP/s are counted against).
     RoutingShape -> Dense   dynamic_routing (DigitCaps)
     ConvShape    -> Conv    conv_dynamic_routing (ConvCaps2d)
     VotesShape   -> Votes   route_votes
+    EMShape      -> EM      conv_em_routing / em_routing (ConvMatCaps2d, ClassMatCaps)
 
 Providers: "reference" (the reference's function, eager), "reference-compiled"
 (``torch.compile`` of the same function) and the fastcaps backends; ``runs`` says which
@@ -18,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ... import reference
-from ...cases import ConvShape, RoutingShape, VotesShape, make_conv_inputs, make_inputs
-from ...functional import conv_dynamic_routing, dynamic_routing, route_votes
+from ...backends import has_kernel
+from ...cases import ConvShape, EMShape, RoutingShape, VotesShape, make_conv_inputs, make_em_inputs, make_inputs
+from ...functional import conv_dynamic_routing, conv_em_routing, dynamic_routing, em_routing, route_votes
 
 _compiled: Dict[str, Callable] = {}
 
@@ -123,14 +125,57 @@ class Votes:
         return lambda votes, r: route_votes(votes, None, r, backend=provider)
 
     def runs(self, backend: str) -> bool:
-        return backend != "triton"  # no Triton kernel for votes yet
+        return has_kernel(backend, "route_votes")
 
     def describe(self, shape: VotesShape) -> str:
         return f"{shape.positions} x {shape.in_caps} -> {shape.out_caps}x{shape.out_dim} votes"
 
 
-SHAPES = {"RoutingShape": RoutingShape, "ConvShape": ConvShape, "VotesShape": VotesShape}
-_WORKLOADS = {RoutingShape: Dense(), ConvShape: Conv(), VotesShape: Votes()}
+class EM:
+    """EM routing, lambda 0.01 per iteration. Its arithmetic per routing (window): the votes once
+    (2 C J P^3), and per iteration an M-step (about 5 C J P^2: r, the weighted mean, the
+    weighted variance) and, but the last, an E-step (about 4 C J P^2: the log-densities)."""
+
+    def flops(self, shape: EMShape, iterations: int, mode: str) -> float:
+        entries = shape.pose * shape.pose
+        per_vote = 2 * shape.pose ** 3 + 5 * iterations * entries + 4 * (iterations - 1) * entries
+        total = shape.batch * shape.windows * shape.children * shape.out_caps * per_vote
+        return total * (3 if mode == "forward+backward" else 1)
+
+    def inputs(self, shape: EMShape, seed: int, dtype: torch.dtype, device: str) -> List[Tensor]:
+        return make_em_inputs(shape, seed, dtype, device)
+
+    def route(self, provider: str, shape: EMShape) -> Callable:
+        def lambdas(r):
+            return [0.01] * r
+
+        def combined(out):
+            # One tensor for the engine's backward: poses and activations, each sample's sum.
+            return out[0].flatten(1).sum(1) + out[1].flatten(1).sum(1)
+
+        if shape.conv:
+            geometry = (shape.stride, shape.padding, shape.dilation)
+            if provider in ("reference", "reference-compiled"):
+                function = reference.route_conv_em if provider == "reference" else _compiled_once(
+                    "em-conv", reference.route_conv_em)
+                return lambda *t: combined(function(*t[:5], lambdas(t[5]), *geometry, shape.normalization))
+            return lambda *t: combined(conv_em_routing(*t[:5], t[5], *geometry, lambdas(t[5]), shape.normalization,
+                                                       backend=provider))
+        if provider in ("reference", "reference-compiled"):
+            function = reference.route_em if provider == "reference" else _compiled_once("em-class", reference.route_em)
+            return lambda *t: combined(function(*t[:5], lambdas(t[5]), False, shape.coordinate_addition))
+        return lambda *t: combined(em_routing(*t[:5], t[5], lambdas(t[5]), False, shape.coordinate_addition,
+                                              backend=provider))
+
+    def runs(self, backend: str) -> bool:
+        return has_kernel(backend, "em_routing")
+
+    def describe(self, shape: EMShape) -> str:
+        return f"{shape} EM"
+
+
+SHAPES = {"RoutingShape": RoutingShape, "ConvShape": ConvShape, "VotesShape": VotesShape, "EMShape": EMShape}
+_WORKLOADS = {RoutingShape: Dense(), ConvShape: Conv(), VotesShape: Votes(), EMShape: EM()}
 
 
 def workload(shape):
