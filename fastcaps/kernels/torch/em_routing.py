@@ -8,7 +8,9 @@ the votes, the responsibilities or the log-densities. Backward, per chunk: form 
 again and walk the iterations backwards; the responsibilities that entered iteration t are
 recomputed from the state of iteration t - 1 (an E-step), so memory holds one chunk's votes
 and a few tensors of their size, whatever the number of iterations. grad W, beta_u and
-beta_a are summed over chunks in chunk order (bitwise the same for any thread count).
+beta_a are summed over chunks in chunk order; within a chunk the reductions are torch's own
+(sum, einsum), whose rounding can depend on the thread count: results agree across thread
+counts to rounding, not bitwise (tests/test_em_kernels.py; the fused kernels must do better).
 
 Layouts: as ``fastcaps.reference.em_routing``. A conv call (weight (J, I, Kh, Kw, P, P))
 routes each output position from its window; a class call (weight (J, I, P, P), poses
