@@ -38,10 +38,10 @@ Packed<T> pack(const Dims& d, const T* u, const T* weight, bool share_weight) {
 template <typename T>
 struct Scratch {
   // couplings and logit_grads: J vectors per iteration (prediction_gradients keeps every
-  // iteration's); capsule_weights: a tile's c_ij or delta_ij for a chunk (sweep_chunk).
+  // iteration's; a backward pass, kDotBlocks blocks'); capsule_weights: a tile's c_ij or delta_ij for a chunk (sweep_chunk).
   LaneArray<T> couplings, logit_grads, capsule_weights, sums, row, row_grad, weight, weight_grad, input_grad;
   explicit Scratch(const Packed<T>& p)
-      : couplings(p.d.iterations * p.d.out_caps), logit_grads(p.d.iterations * p.d.out_caps),
+      : couplings(std::max(p.d.iterations, kDotBlocks) * p.d.out_caps), logit_grads(p.d.iterations * p.d.out_caps),
         capsule_weights(kSampleTile * kChunkBlocks * p.d.out_caps), sums(p.jd), row(kSampleTile * p.jd),
         row_grad(kSampleTile * p.jd), weight(kChunkBlocks * p.block_size()), weight_grad(p.block_size()),
         input_grad(kSampleTile * p.d.in_dim) {}
@@ -99,34 +99,44 @@ FASTCAPS_INLINE void with_tile_size(int64_t n, const F& f) {
   with_count_up_to<kSampleTile>(n, f);
 }
 
-// out[m][j] = sum_d a[m][j*D + d] * uh[j*D + d], lane-wise, d in order, for M vectors a and
-// `count` capsules from j0 at once: each sum is a chain of D dependent FMAs, and one chain at
-// a time left the FMA units waiting on its latency (perf on AVX2: the hottest line of the
-// passes). With M = 2 each vector of uh is loaded once for both dot products.
-template <typename T, int64_t M, int64_t count>
-FASTCAPS_INLINE void capsule_dots_from(const Vec<T>* uh, const T* const* a, int64_t j0, int64_t D,
+// out[n * M + m][j] = sum_d a[m][j*D + d] * uh[n][j*D + d], lane-wise, d in order, for M
+// vectors a, N blocks' uh and `count` capsules from j0 at once: each sum is a chain of D
+// dependent FMAs, and one chain at a time left the FMA units waiting on its latency (perf on
+// AVX2: the hottest line of the passes). Each vector of uh is loaded once for the M dot
+// products, and each broadcast of a once for the N blocks (a is the same for every block of
+// a sample: loading it per block made the dots bound by loads, perf on AVX2, Zen 3).
+template <typename T, int64_t M, int64_t N, int64_t count>
+FASTCAPS_INLINE void capsule_dots_from(const Vec<T>* const* uh, const T* const* a, int64_t j0, int64_t D,
                                        Vec<T>* const* out) {
-  Vec<T> acc[M][count] = {};
+  Vec<T> acc[N][M][count] = {};
   for (int64_t dd = 0; dd < D; ++dd)
     for (int64_t q = 0; q < count; ++q) {
-      const Vec<T> u = uh[(j0 + q) * D + dd];
-      for (int64_t m = 0; m < M; ++m) acc[m][q] += a[m][(j0 + q) * D + dd] * u;
+      const int64_t k = (j0 + q) * D + dd;
+      Vec<T> u[N];
+      for (int64_t n = 0; n < N; ++n) u[n] = uh[n][k];
+      for (int64_t m = 0; m < M; ++m) {
+        const T am = a[m][k];
+        for (int64_t n = 0; n < N; ++n) acc[n][m][q] += am * u[n];
+      }
     }
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t q = 0; q < count; ++q) out[m][j0 + q] = acc[m][q];
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t q = 0; q < count; ++q) out[n * M + m][j0 + q] = acc[n][m][q];
 }
 
-// out[m][j] = uh_j . a[m]_j for every j < J and m < M, in groups of near-equal size of at most
-// kAccumulators / M capsules: J = 10 on AVX2 as 5 + 5 (M = 1) or 4 + 3 + 3 (M = 2), not 8 + 2,
-// whose 2 chains of D dependent FMAs took as long as the 8 (perf on AVX2, Zen 3). Grouping
-// changes no sum.
-template <typename T, int64_t M>
-FASTCAPS_INLINE void capsule_dots(const Vec<T>* uh, const T* const* a, int64_t J, int64_t D, Vec<T>* const* out) {
-  constexpr int64_t kChains = kAccumulators / M;
+// out[n * M + m][j] = uh[n]_j . a[m]_j for every j < J, m < M and n < N, in groups of
+// near-equal size of at most kAccumulators / (M N) capsules: J = 10 on AVX2 as 5 + 5
+// (M = N = 1) or 4 + 3 + 3 (M N = 2), not 8 + 2, whose 2 chains of D dependent FMAs took as
+// long as the 8 (perf on AVX2, Zen 3). Grouping changes no sum.
+template <typename T, int64_t M, int64_t N>
+FASTCAPS_INLINE void capsule_dots(const Vec<T>* const* uh, const T* const* a, int64_t J, int64_t D,
+                                  Vec<T>* const* out) {
+  static_assert(M * N <= kAccumulators, "capsule_dots: more dot products than accumulators");
+  constexpr int64_t kChains = kAccumulators / (M * N);
   for (int64_t j = 0, groups = (J + kChains - 1) / kChains; j < J; --groups) {
     const int64_t count = (J - j + groups - 1) / groups;
     with_count_up_to<kChains>(count, [&](auto chains) __attribute__((always_inline)) {
-      capsule_dots_from<T, M, chains()>(uh, a, j, D, out);
+      capsule_dots_from<T, M, N, chains()>(uh, a, j, D, out);
     });
     j += count;
   }
@@ -160,28 +170,35 @@ FASTCAPS_INLINE void logit_gradients_from_gammas(const Vec<T>* c, int64_t J, Vec
   for (int64_t j = 0; j < J; ++j) delta[j] = c[j] * (delta[j] - mean);
 }
 
-// c[j] = softmax_j(uh_j . v_sum_j) lane-wise; uniform 1/J (1/(J+1) with leaky) when v_sum is
-// null (first pass).
-template <typename T>
-FASTCAPS_INLINE void couplings(const Vec<T>* uh, const T* v_sum, int64_t J, int64_t D, bool leaky, Vec<T>* c) {
+// c[n][j] = softmax_j(uh[n]_j . v_sum_j) lane-wise for N blocks of one sample; uniform 1/J
+// (1/(J+1) with leaky) when v_sum is null (first pass).
+template <typename T, int64_t N = 1>
+FASTCAPS_INLINE void couplings(const Vec<T>* const* uh, const T* v_sum, int64_t J, int64_t D, bool leaky,
+                               Vec<T>* const* c) {
   if (v_sum == nullptr) {
-    for (int64_t j = 0; j < J; ++j) c[j] = Vec<T>{} + T(1) / T(J + leaky);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < J; ++j) c[n][j] = Vec<T>{} + T(1) / T(J + leaky);
     return;
   }
-  capsule_dots<T, 1>(uh, &v_sum, J, D, &c);
-  softmax_over_capsules<T>(J, leaky, c);
+  capsule_dots<T, 1, N>(uh, &v_sum, J, D, c);
+  for (int64_t n = 0; n < N; ++n) softmax_over_capsules<T>(J, leaky, c[n]);
 }
 
-// The couplings c of an iteration past the first (v_sum not null) and their logit gradients
-// delta (logit_gradients_from_gammas), both dot products taken in one read of uh.
-template <typename T>
-FASTCAPS_INLINE void couplings_and_logit_gradients(const Vec<T>* uh, const T* v_sum, const T* sigma, int64_t J,
-                                                   int64_t D, bool leaky, Vec<T>* c, Vec<T>* delta) {
+// The couplings c[n] of an iteration past the first (v_sum not null) and their logit
+// gradients delta[n] (logit_gradients_from_gammas) for N blocks of one sample, both dot
+// products taken in one read of uh.
+template <typename T, int64_t N = 1>
+FASTCAPS_INLINE void couplings_and_logit_gradients(const Vec<T>* const* uh, const T* v_sum, const T* sigma,
+                                                   int64_t J, int64_t D, bool leaky, Vec<T>* const* c,
+                                                   Vec<T>* const* delta) {
   const T* a[2] = {v_sum, sigma};
-  Vec<T>* out[2] = {c, delta};
-  capsule_dots<T, 2>(uh, a, J, D, out);
-  softmax_over_capsules<T>(J, leaky, c);
-  logit_gradients_from_gammas<T>(c, J, delta);
+  Vec<T>* out[2 * N];
+  for (int64_t n = 0; n < N; ++n) out[2 * n] = c[n], out[2 * n + 1] = delta[n];
+  capsule_dots<T, 2, N>(uh, a, J, D, out);
+  for (int64_t n = 0; n < N; ++n) {
+    softmax_over_capsules<T>(J, leaky, c[n]);
+    logit_gradients_from_gammas<T>(c[n], J, delta[n]);
+  }
 }
 
 // One routing pass over one chunk of a sample's capsules, written to partial (jd values):
@@ -248,27 +265,40 @@ void sweep_chunk(const Packed<T>& p, const Tile<T>& tile, const Vec<T>* chunk_we
   const auto capsule_weights = [&](int64_t s, int64_t blk) {
     return scratch.capsule_weights.data() + (s * kChunkBlocks + blk - first) * J;
   };
-  for (int64_t blk = first; blk < last; ++blk) {
-    const Vec<T>* x[kSampleTile];
-    Vec<T>* uh[kSampleTile];
-    for (int64_t s = 0; s < n; ++s) {
-      x[s] = p.input_block(tile.pass[s].sample, blk);
-      uh[s] = tile.uh[s] + blk * jd;
-    }
-    if (predict_here && chunk_weight != nullptr) {
-      const Vec<T>* w = chunk_weight + (blk - first) * p.block_size();
-      with_tile_size(n, [&](auto S) __attribute__((always_inline)) { predict<T, S()>(x, w, p.d.in_dim, jd, uh); });
-    } else if (predict_here) {
-      for (int64_t s = 0; s < n; ++s) predict_from_rows<T>(p, blk, x[s], uh[s]);
+  // Blocks in groups of kDotBlocks: u_hat of each, then each sample's couplings for the
+  // group from one load of its V (and sigma) per output (capsule_dots).
+  for (int64_t group = first; group < last; group += kDotBlocks) {
+    const int64_t blocks = std::min(kDotBlocks, last - group);
+    for (int64_t blk = group; blk < group + blocks; ++blk) {
+      const Vec<T>* x[kSampleTile];
+      Vec<T>* uh[kSampleTile];
+      for (int64_t s = 0; s < n; ++s) {
+        x[s] = p.input_block(tile.pass[s].sample, blk);
+        uh[s] = tile.uh[s] + blk * jd;
+      }
+      if (predict_here && chunk_weight != nullptr) {
+        const Vec<T>* w = chunk_weight + (blk - first) * p.block_size();
+        with_tile_size(n, [&](auto S) __attribute__((always_inline)) { predict<T, S()>(x, w, p.d.in_dim, jd, uh); });
+      } else if (predict_here) {
+        for (int64_t s = 0; s < n; ++s) predict_from_rows<T>(p, blk, x[s], uh[s]);
+      }
     }
     for (int64_t s = 0; s < n; ++s) {
       const Pass<T>& pass = tile.pass[s];
-      if (pass.sigma == nullptr) {
-        couplings<T>(uh[s], pass.v_sum, J, D, p.d.leaky, capsule_weights(s, blk));
-      } else {
-        couplings_and_logit_gradients<T>(uh[s], pass.v_sum, pass.sigma, J, D, p.d.leaky, scratch.couplings.data(),
-                                         capsule_weights(s, blk));
+      const Vec<T>* uh[kDotBlocks];
+      Vec<T>* weights[kDotBlocks];
+      Vec<T>* c[kDotBlocks];
+      for (int64_t q = 0; q < blocks; ++q) {
+        uh[q] = tile.uh[s] + (group + q) * jd;
+        weights[q] = capsule_weights(s, group + q);
+        c[q] = scratch.couplings.data() + q * J;  // a backward pass's couplings, needed only here
       }
+      with_count_up_to<kDotBlocks>(blocks, [&](auto N) __attribute__((always_inline)) {
+        if (pass.sigma == nullptr)
+          couplings<T, N()>(uh, pass.v_sum, J, D, p.d.leaky, weights);
+        else
+          couplings_and_logit_gradients<T, N()>(uh, pass.v_sum, pass.sigma, J, D, p.d.leaky, c, weights);
+      });
     }
   }
   Vec<T>* sums = scratch.sums.data();

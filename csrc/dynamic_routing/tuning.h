@@ -48,6 +48,15 @@ constexpr int64_t kSamplesPerThread = 4;
 // at the MNIST shape) in the many-samples schedule.
 constexpr int64_t kSampleTile = 4;
 
+// Blocks whose coupling dot products a routing pass takes together (capsule_dots), each
+// broadcast of a sample's V (and sigma) loaded once for them: with one block at a time the
+// dots were bound by those loads (perf on AVX2, Zen 3). At most kChunkBlocks (a chunk's
+// blocks). Measured on AVX2 (Zen 3, 2026-12-02, benchmarks/ab_kernels.py against the code
+// before, with phase B's fused grad u and grad W): 2 gave forward 1.00x, forward+backward
+// 1.05x at MNIST B = 128; 4 gave 1.06x-1.11x and 1.07x (docs/benchmarks.md).
+constexpr int64_t kDotBlocks = 4;
+static_assert(kDotBlocks <= kChunkBlocks, "kDotBlocks: a group of blocks lies within a chunk");
+
 // Up to this many samples phase B reads W in its own layout (gradient_block_from_kept);
 // beyond, packing each block of W once for the batch costs less than its per-sample loops.
 // (Measured with the kept u_hat, alternating in one process: faster at B = 1 only.)
