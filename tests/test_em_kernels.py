@@ -2,6 +2,7 @@
 float64 reference: values and every gradient, odd shapes, both normalisations, iterations
 1-3, detach; gradcheck, opcheck, extreme inputs, threads, memory, torch.compile."""
 
+import copy
 import itertools
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 import fastcaps
 from fastcaps import reference
+from fastcaps.tools import check
 
 BACKENDS = ["torch"]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -224,5 +226,12 @@ def test_compiled_matrix_capsnet_matches_eager_on_the_kernel():
     torch.testing.assert_close(compiled.poses, eager.poses, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(compiled.activations.sum(), list(model.parameters()))
     grads_eager = torch.autograd.grad(model(images).activations.sum(), list(model.parameters()))
-    for g, h in zip(grads, grads_eager):
-        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
+    # Inductor reorders float32 sums, and how depends on the CPU's vector width: elementwise
+    # 1e-5 against eager failed on AVX2 (Zen 3) at 1.1e-4 relative on one element, both
+    # gradients ~1e-5 normwise from float64. So each is held to the float64 gradients, the
+    # compiled one at most twice eager's own float32 error (or 1e-4, the EM float32 rule).
+    model64 = copy.deepcopy(model).double()
+    grads64 = torch.autograd.grad(model64(images.double()).activations.sum(), list(model64.parameters()))
+    for name, g, h, want in zip([n for n, _ in model.named_parameters()], grads, grads_eager, grads64):
+        eager_error = check.normwise_error(h.double(), want)
+        assert check.normwise_error(g.double(), want) <= max(1e-4, 2 * eager_error), name
