@@ -3,7 +3,7 @@
     python benchmarks/rate_vs_mm.py [--batch 128] [--mode forward+backward] [--rounds 30]
 
 `fastcaps bench` measures torch.mm once per run (median of 5) and reads every GFLOP/s
-against it; on these VMs that one figure moved from 79 to 139 GFLOP/s between runs on the
+against it; on these VMs that one figure moved from 79 to 182 GFLOP/s between runs on the
 same CPU model, which moves the rate bar of issue 17 (25 % of torch.mm) more than any
 kernel change. Here each round times one call of the kernel (MNIST DigitCaps, r = 3, the
 `cpu` backend, whatever build FASTCAPS_CPU_ISA selects) and one torch.mm of two 2048 x
@@ -21,14 +21,10 @@ import torch
 
 from fastcaps.cases import RoutingShape
 from fastcaps.kernels.cpu import extension
+from fastcaps.tools.bench.report import round_ratios
 from fastcaps.tools.bench.workloads import Dense
 
 MM_SIZE = 2048
-
-
-def quartiles(values):
-    q = statistics.quantiles(values, n=4)
-    return q[0], statistics.median(values), q[2]
 
 
 def main() -> None:
@@ -63,14 +59,14 @@ def main() -> None:
     for _ in range(3):  # warm-up: the extension, the allocator, the mm's threads
         kernel_call()
         torch.mm(a, b)
-    kernel_rates, mm_rates, ratios = [], [], []
+    kernel_seconds, mm_seconds = [], []
     for _ in range(args.rounds):
-        kernel = kernel_flops / timed(kernel_call) / 1e9
-        mm = mm_flops / timed(lambda: torch.mm(a, b)) / 1e9
-        kernel_rates.append(kernel)
-        mm_rates.append(mm)
-        ratios.append(kernel / mm)
-    q1, med, q3 = quartiles(ratios)
+        kernel_seconds.append(timed(kernel_call))
+        mm_seconds.append(timed(lambda: torch.mm(a, b)))
+    kernel_rates = [kernel_flops / t / 1e9 for t in kernel_seconds]
+    mm_rates = [mm_flops / t / 1e9 for t in mm_seconds]
+    # The rates' ratio in a round is the times' ratio scaled by the two flop counts.
+    med, q1, q3 = (kernel_flops / mm_flops * x for x in round_ratios(mm_seconds, kernel_seconds))
     print(f"MNIST DigitCaps B = {args.batch}, r = 3, {args.mode}, float32, {torch.get_num_threads()} threads, "
           f"C++ kernels: the {extension.isa()} build, {args.rounds} alternating rounds")
     print(f"kernel rate (DESIGN.md section 6's count): median {statistics.median(kernel_rates):.1f} GFLOP/s")

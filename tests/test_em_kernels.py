@@ -232,6 +232,6 @@ def test_compiled_matrix_capsnet_matches_eager_on_the_kernel():
     # compiled one at most twice eager's own float32 error (or 1e-4, the EM float32 rule).
     model64 = copy.deepcopy(model).double()
     grads64 = torch.autograd.grad(model64(images.double()).activations.sum(), list(model64.parameters()))
-    for name, g, h, want in zip([n for n, _ in model.named_parameters()], grads, grads_eager, grads64):
+    for (name, _), g, h, want in zip(model.named_parameters(), grads, grads_eager, grads64):
         eager_error = check.normwise_error(h.double(), want)
         assert check.normwise_error(g.double(), want) <= max(1e-4, 2 * eager_error), name

@@ -38,7 +38,8 @@ Packed<T> pack(const Dims& d, const T* u, const T* weight, bool share_weight) {
 template <typename T>
 struct Scratch {
   // couplings and logit_grads: J vectors per iteration (prediction_gradients keeps every
-  // iteration's; a backward pass, kDotBlocks blocks'); capsule_weights: a tile's c_ij or delta_ij for a chunk (sweep_chunk).
+  // iteration's); couplings also holds a backward pass's c for kDotBlocks blocks
+  // (sweep_chunk); capsule_weights: a tile's c_ij or delta_ij for a chunk (sweep_chunk).
   LaneArray<T> couplings, logit_grads, capsule_weights, sums, row, row_grad, weight, weight_grad, input_grad;
   explicit Scratch(const Packed<T>& p)
       : couplings(std::max(p.d.iterations, kDotBlocks) * p.d.out_caps), logit_grads(p.d.iterations * p.d.out_caps),
