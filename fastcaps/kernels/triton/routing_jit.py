@@ -404,9 +404,13 @@ def _routing_final_kernel(
             # The next block reads what this one wrote: make it visible across the program's threads.
             tl.debug_barrier()
     if W_RESIDENT:
-        # The offsets again, not kept live across the loop (ptxas put them on the stack: sm_90).
-        w_offsets, w_mask = _w_tile_offsets(capsule, in_caps, out_caps, out_dim, in_dim, 0, J_PAD, D_PAD, DIN_PAD)
-        tl.store(grad_w_split + w_offsets, grad_weight.to(grad_w_ptr.dtype.element_ty), mask=w_mask)
+        # The offsets again, not kept live across the loop (ptxas put them on the stack: sm_90),
+        # and from capsule 0 plus the capsule's base, not as the prologue wrote them: ptxas
+        # merged two identical forms and kept the result across the loop on the stack (8
+        # bytes, Triton 3.6, sm_80, the 16-sample tl.dot step).
+        w_offsets, w_mask = _w_tile_offsets(0, in_caps, out_caps, out_dim, in_dim, 0, J_PAD, D_PAD, DIN_PAD)
+        capsule_base = grad_w_split + capsule * out_dim * in_dim
+        tl.store(capsule_base + w_offsets, grad_weight.to(grad_w_ptr.dtype.element_ty), mask=w_mask)
 
 
 # True when TRITON_INTERPRET=1 was set before triton decorated the kernels: they run on CPU.
