@@ -25,6 +25,8 @@ other --device or --smoke are never mixed in):
                speed-up per round, and each provider's peak memory (the CUDA allocator's;
                on CPU the RSS growth of a call in this warm process, not a measurement)
   time-conv-.. ConvCaps2d forward+backward at B = 1 and 8 (bench case conv), the same providers
+  time-votes-. route_votes forward+backward at B = 8 (bench case votes: 49 positions of
+               288 x 32 x 16D votes a sample), the same providers
   profile      torch.profiler over forward+backward calls of the Triton kernels at B = 1 and
                128: a table of the time per kernel (not a trace file)
 
@@ -39,7 +41,9 @@ reference at 4 batches x 2 modes, 8 compilations, assumed 10-30 s each from a co
 (1.5-4 min; with a warm cache its first calls took 3.0-4.7 s on this project's 2-core CPU,
 benchmarks/results/cpu-mnist-zen3-avx2-run5.json, first_call_s), then rounds of at least 2 s
 per group (16 s in all); the two ConvCaps2d groups add two more compilations of a reference
-and about 5 s of rounds. Profile: seconds. About 3.5-7.5 min in all; a rerun of the part that
+and about 5 s of rounds, and the route_votes group one more compilation and its rounds (with
+the votes kernels: about 10 more Triton compilations, 0.3-0.8 min in all). Profile: seconds.
+About 4-8 min in all; a rerun of the part that
 failed fits in what the 15-minute session leaves.
 """
 
@@ -58,7 +62,7 @@ from unittest import mock
 import torch
 
 import fastcaps
-from fastcaps.cases import ConvShape, RoutingShape, make_inputs
+from fastcaps.cases import ConvShape, RoutingShape, VotesShape, make_inputs
 from fastcaps.tools import check
 from fastcaps.tools.bench import engine as bench
 from fastcaps.tools.bench import report, workloads
@@ -70,8 +74,11 @@ ODD_SHAPES = [RoutingShape(3, 7, 3, 3, 5), RoutingShape(17, 33, 4, 4, 12)]
 # --smoke: what the test runs on CPU under the interpreter, in seconds.
 SMOKE_SHAPES = [RoutingShape(2, 5, 3, 3, 4)]
 SMOKE_CONV = ConvShape(1, 2, 3, 4, 4, 2, 3, (3, 3), (1, 1), (1, 1))
-# ConvCaps2d (bench case conv: 32 x 8D on 14 x 14, K = 3, padding 1, 32 x 16D), forward+backward.
+SMOKE_VOTES = VotesShape(1, 2, 5, 3, 4)
+# ConvCaps2d (bench case conv: 32 x 8D on 14 x 14, K = 3, padding 1, 32 x 16D) and route_votes
+# (bench case votes: B = 8 only, to keep the session's minutes), forward+backward.
 CONV_BATCHES = (1, 8)
+VOTES_BATCHES = (8,)
 OPTIONS = [(3, False, True), (3, True, False), (1, False, False)]  # (iterations, detach, bias)
 
 
@@ -201,7 +208,7 @@ def graph_group(args) -> dict:
 
 def timing_group(args, mode: str, batch: int, case: str = "mnist") -> dict:
     if args.smoke:
-        case, shape = (f"smoke-{case}", SMOKE_CONV if case == "conv" else SMOKE_SHAPES[0])
+        case, shape = f"smoke-{case}", {"conv": SMOKE_CONV, "votes": SMOKE_VOTES}.get(case, SMOKE_SHAPES[0])
     else:
         shape = bench.CASES[case]
     points = [bench.Point(case, shape.with_batch(batch), 3, mode, provider, "float32", args.device)
@@ -333,9 +340,10 @@ def main(argv: List[str]) -> int:
     plan = [("device", device_group), ("correctness", correctness_group), ("graph", graph_group)]
     plan += [(f"time-{mode}-B{batch}", lambda a, m=mode, b=batch: timing_group(a, m, b))
              for mode in args.mode for batch in args.batch]
-    plan += [(f"time-conv-forward+backward-B{batch}",
-              lambda a, b=batch: timing_group(a, "forward+backward", b, "conv"))
-             for batch in ((1,) if args.smoke else CONV_BATCHES)]
+    plan += [(f"time-{case}-forward+backward-B{batch}",
+              lambda a, b=batch, c=case: timing_group(a, "forward+backward", b, c))
+             for case, batches in (("conv", CONV_BATCHES), ("votes", VOTES_BATCHES))
+             for batch in ((1,) if args.smoke else batches)]
     plan += [("profile", profile_group)]
     workloads.raise_recompile_limit()
     started, failed = time.perf_counter(), 0

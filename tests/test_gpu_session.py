@@ -52,7 +52,7 @@ def test_smoke_run_writes_two_files_and_a_rerun_skips_what_is_done(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-session.json", "gpu-session.txt"]
     saved = json.loads((tmp_path / "gpu-session.json").read_text())
     assert list(saved["groups"]) == ["device", "correctness", "graph", "time-forward+backward-B1",
-                                     "time-conv-forward+backward-B1", "profile"]
+                                     "time-conv-forward+backward-B1", "time-votes-forward+backward-B1", "profile"]
     correctness = saved["groups"]["correctness"]
     assert correctness["passed"] and correctness["bitwise_repeatable"] and len(correctness["cases"]) == 9
     assert correctness["tf32x3"][0]["within_float32_tolerance"]  # the interpreter's tl.dot is float32
@@ -60,6 +60,8 @@ def test_smoke_run_writes_two_files_and_a_rerun_skips_what_is_done(tmp_path, mon
     assert [r["provider"] for r in timing] == ["reference", "triton"] and timing[1]["speedup"] > 0
     conv = saved["groups"]["time-conv-forward+backward-B1"]["records"]
     assert [r["provider"] for r in conv] == ["reference", "triton"] and conv[1]["case"] == "smoke-conv"
+    votes = saved["groups"]["time-votes-forward+backward-B1"]["records"]
+    assert [r["provider"] for r in votes] == ["reference", "triton"] and votes[1]["case"] == "smoke-votes"
     assert saved["groups"]["profile"]["tables"]["B2"]
     text = (tmp_path / "gpu-session.txt").read_text()
     assert "== correctness" in text and "torch.compile vs eager" in text

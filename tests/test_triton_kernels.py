@@ -18,7 +18,7 @@ import torch
 
 import fastcaps
 from fastcaps import backends
-from fastcaps.cases import RoutingShape, make_inputs
+from fastcaps.cases import RoutingShape, VotesShape, make_inputs
 from fastcaps.tools import check
 
 pytestmark = pytest.mark.skipif(
@@ -339,7 +339,8 @@ def test_ahead_of_time_compilation_for_sm80_and_sm90_without_spills(tmp_path):
     compiled = json.loads(report.read_text())
     kernels = {(r["kernel"], r["arch"], r["specialisation"] == "generic") for r in compiled}
     for arch in (80, 90):
-        for name in ("routing_pass", "forward_reduce", "backward_reduce", "routing_final"):
+        for name in ("routing_pass", "forward_reduce", "backward_reduce", "routing_final", "votes_pass",
+                     "votes_gradient"):
             assert (name, arch, True) in kernels and (name, arch, False) in kernels
     assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 and r["launchable"] for r in compiled)
     assert any("USE_DOT=True" in r["options"] for r in compiled)
@@ -384,11 +385,10 @@ _SYNCING = {"item", "tolist", "cpu", "numpy", "nonzero", "masked_select", "uniqu
             "__float__", "__index__"}
 
 
-def test_the_launchers_call_nothing_that_syncs_with_the_device():
-    """Forward+backward free of host syncs, so that it can be captured in a CUDA graph: no
-    syncing tensor method is called from fastcaps' own code (the interpreter itself copies
-    tensors to the host: its calls, from triton's files, are not counted). The GPU script
-    checks the same on CUDA with torch.cuda.set_sync_debug_mode("error")."""
+def _syncing_calls(run) -> list:
+    """The syncing tensor methods fastcaps' own code calls while ``run()`` runs (the
+    interpreter itself copies tensors to the host: its calls, from triton's files, are not
+    counted)."""
     import inspect
     from torch.overrides import TorchFunctionMode
 
@@ -406,13 +406,25 @@ def test_the_launchers_call_nothing_that_syncs_with_the_device():
                         break
             return func(*args, **(kwargs or {}))
 
+    with Watch():
+        run()
+    return calls
+
+
+def test_the_launchers_call_nothing_that_syncs_with_the_device():
+    """Forward+backward free of host syncs, so that it can be captured in a CUDA graph: no
+    syncing tensor method is called from fastcaps' own code. The GPU script checks the same
+    on CUDA with torch.cuda.set_sync_debug_mode("error")."""
     from fastcaps.kernels.triton import dynamic_routing as launchers
 
     u, weight, bias, grad_v = _inputs(RoutingShape(3, 7, 3, 3, 5))
-    with Watch():  # the launchers themselves: the custom op's dispatch would hide them from the mode
+
+    def run():  # the launchers themselves: the custom op's dispatch would hide them from the mode
         for detach in (False, True):
             v, s, kept = launchers.routing_forward(u, weight, bias, 3, detach, detach)
             launchers.routing_backward(grad_v, u, weight, bias, s, kept, 3, detach, detach)
+
+    calls = _syncing_calls(run)
     assert not calls, calls
 
 
@@ -449,3 +461,93 @@ def test_convolutional_routing_on_the_triton_kernels(shape, options):
     for dtype in (torch.float32, torch.float64):
         row = check.check_case("triton", case, dtype, 5, oracle, device=DEVICE)
         assert row.passed, check.format_row(row)
+
+
+# Routing from given votes: (rows = batch x positions, I, J, D); 17 rows take a 16-row block
+# and a 1-row block.
+VOTES_CASES = [(VotesShape(2, 3, 7, 3, 5), (3, False, True, True)), (VotesShape(17, 1, 5, 3, 2), (2, True, False)),
+               (VotesShape(1, 1, 1, 1, 1), (1, False, True))]
+
+
+@pytest.mark.parametrize("shape, options", VOTES_CASES, ids=["r3-bias-leaky", "17-rows-r2-detach", "ones"])
+def test_route_votes_on_the_triton_kernels(shape, options):
+    """The votes passes (u_hat read, not predicted) and their phase B against the float64
+    reference: v, grad votes and grad bias; float64 also against finite differences."""
+    case = check.Case(shape, *options)
+    oracle = check.oracle_for(case, 7)
+    for dtype in (torch.float32, torch.float64):
+        row = check.check_case("triton", case, dtype, 7, oracle, device=DEVICE)
+        assert row.passed, check.format_row(row)
+
+
+def _votes_forward_backward(votes, bias, grad_v, leaky=True, backend="triton"):
+    leaves = [t.detach().clone().requires_grad_() for t in (votes, bias)]
+    v = fastcaps.route_votes(*leaves, 3, leaky=leaky, backend=backend)
+    return [v.detach(), *torch.autograd.grad(v, leaves, grad_v)]
+
+
+def _votes_inputs(rows, in_caps, out_caps, out_dim, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    votes = torch.randn(rows, in_caps, out_caps, out_dim, generator=generator, dtype=torch.float64) * 0.6
+    bias = torch.randn(out_caps, out_dim, generator=generator, dtype=torch.float64) * 0.5
+    grad_v = torch.randn(rows, out_caps, out_dim, generator=generator, dtype=torch.float64)
+    return [t.to(dtype=dtype, device=DEVICE) for t in (votes, bias, grad_v)]
+
+
+def test_route_votes_bits_are_repeatable_and_do_not_depend_on_launch_splits(monkeypatch):
+    """The same call twice gives the same bits, and so does one cut into launches of at most
+    2 rows (rounded up to whole row blocks) on views into the rows' buffers."""
+    from fastcaps.kernels.triton import configs
+
+    inputs = _votes_inputs(19, 9, 4, 6)
+    whole = _votes_forward_backward(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(whole, _votes_forward_backward(*inputs)))
+    monkeypatch.setattr(configs, "MAX_LAUNCH_ROWS", 2)
+    block = configs.votes_pass_plan(RoutingShape(19, 9, 1, 4, 6), torch.float32, 1).config.block_b
+    assert len(configs.launch_ranges(19, block)) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(whole, _votes_forward_backward(*inputs)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_route_votes_half_inputs_accumulate_in_float32(dtype):
+    """Half votes: outputs and gradients keep the dtype, and each is within twice the error
+    of the torch backend (which computes in float32 too) from the float64 reference."""
+    votes, bias, grad_v = _votes_inputs(5, 11, 3, 4, dtype=torch.float64, seed=2)
+    exact = _votes_forward_backward(votes, bias, grad_v, backend="reference")
+    low = [t.to(dtype) for t in (votes, bias, grad_v)]
+    got = _votes_forward_backward(*low)
+    torch_got = _votes_forward_backward(*[t.cpu() for t in low], backend="torch")
+    for value, reference, other in zip(got, exact, torch_got):
+        assert value.dtype == dtype
+        error = check.normwise_error(value.double().cpu(), reference.cpu())
+        assert error <= max(2 * check.normwise_error(other.double(), reference.cpu()), 1e-3), error
+
+
+def test_route_votes_gradcheck_and_opcheck():
+    votes, bias, _ = _votes_inputs(2, 3, 2, 2, dtype=torch.float64, seed=4)  # small: each evaluation is 4 launches
+    assert torch.autograd.gradcheck(lambda x, b: fastcaps.route_votes(x, b, 2, leaky=True, backend="triton"),
+                                    (votes.clone().requires_grad_(), bias.clone().requires_grad_()),
+                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+    torch.library.opcheck(torch.ops.fastcaps.route_votes.default, (votes, bias, 2, False, True, "triton"))
+
+
+def test_route_votes_launchers_call_nothing_that_syncs_with_the_device():
+    from fastcaps.kernels.triton import route_votes as launchers
+
+    votes, bias, grad_v = _votes_inputs(3, 7, 3, 5)
+
+    def run():
+        for detach in (False, True):
+            _, s = launchers.votes_forward(votes, bias, 3, detach)
+            launchers.votes_backward(grad_v, votes, s, 3, detach, detach)
+
+    calls = _syncing_calls(run)
+    assert not calls, calls
+
+
+def test_auto_takes_the_triton_votes_kernel_on_cuda():
+    from fastcaps import backends
+
+    assert backends.has_kernel("triton", "route_votes")
+    if torch.cuda.is_available():
+        assert backends.resolve_backend("auto", torch.device("cuda"), "route_votes") == "triton"

@@ -8,6 +8,7 @@ The configurations are the launcher's own: ``launch_configurations`` of
 fastcaps/kernels/triton/configs.py lists every launch the launchers can make at the
 capsule dimensions (every pass configuration a batch can pick, both pass directions, every
 input dtype, the reduction and final kernels with each of their compile-time switches).
+Routing from given votes (route_votes) is listed too, at the same J and D.
 Each is compiled twice over: generic (every integer i32, no alignment hint: any batch,
 any tensor) and as a real run specialises it. For the second, the launchers themselves run
 on CPU tensors at a few batches, iteration counts and switches with the launch replaced by a
@@ -143,11 +144,14 @@ def generic_programs(shape: RoutingShape) -> Iterator[Program]:
 def _recorded_launches(shape: RoutingShape, processors: int) -> Iterator[Tuple[torch.dtype, object, tuple]]:
     """(input dtype, launch, arguments) of every launch the launchers make in the SPECIALISED_* runs, with
     the launch itself replaced by a recorder (no kernel runs: the outputs are garbage)."""
-    from ..kernels.triton import configs, dynamic_routing
+    from ..kernels.triton import configs, dynamic_routing, route_votes
 
     recorded, run_dtype = [], []
-    with mock.patch.object(dynamic_routing, "_run",
-                           lambda launch, grid, *args: recorded.append((run_dtype[-1], launch, args))), \
+
+    def record(launch, grid, *args):
+        recorded.append((run_dtype[-1], launch, args))
+
+    with mock.patch.object(dynamic_routing, "_run", record), mock.patch.object(route_votes, "_run", record), \
             mock.patch.object(configs, "processors", lambda device: processors):
         for dtype in configs.DTYPES:
             run_dtype.append(dtype)
@@ -164,6 +168,11 @@ def _recorded_launches(shape: RoutingShape, processors: int) -> Iterator[Tuple[t
                                     u, weight, bias if has_bias else None, iterations, detach_routing, leaky)
                                 dynamic_routing.routing_backward(torch.zeros_like(v), u, weight, bias, s, kept,
                                                                  iterations, detach_routing, leaky)
+                                # The same rows as votes (route_votes: J and D as here).
+                                votes = torch.zeros(batch, shape.in_caps, shape.out_caps, shape.out_dim, dtype=dtype)
+                                v, s = route_votes.votes_forward(votes, bias if has_bias else None, iterations, leaky)
+                                route_votes.votes_backward(torch.zeros_like(v), votes, s, iterations, detach_routing,
+                                                           leaky)
     return iter(recorded)
 
 

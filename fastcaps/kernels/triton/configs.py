@@ -45,7 +45,8 @@ _PROGRAMS_PER_SM = 4
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Kernel arguments that point at tensors of the input dtype; every other pointer is in the
 # compute dtype (float32 for half inputs).
-INPUT_DTYPE_POINTERS = frozenset({"u_ptr", "w_ptr", "bias_ptr", "v_ptr", "grad_u_ptr", "grad_w_ptr"})
+INPUT_DTYPE_POINTERS = frozenset({"u_ptr", "w_ptr", "bias_ptr", "v_ptr", "grad_u_ptr", "grad_w_ptr", "votes_ptr",
+                                  "grad_votes_ptr"})
 
 
 # Register budget. A block has 65,536 registers whatever its warps (CUDA's limit per block:
@@ -251,16 +252,53 @@ class Launch(NamedTuple):
 
 
 def pass_launch(config: PassConfig, dtype: torch.dtype, shape: RoutingShape, backward: bool,
-                precision: Optional[str] = None) -> Launch:
+                precision: Optional[str] = None, votes: bool = False) -> Launch:
     """A routing pass (forward: sums c u_hat; backward, phase A: sums delta u_hat). precision:
-    the float32 tl.dot's (default: float32_dot_precision())."""
-    use_dot = uses_dot(config.block_b, dtype, shape.out_caps, shape.out_dim)
-    return Launch("routing_pass", jit._routing_pass_kernel,
+    the float32 tl.dot's (default: float32_dot_precision()). votes: u_hat is given (route_votes,
+    votes_pass_configs), nothing predicts, and the input-feature arguments are unused."""
+    use_dot = not votes and uses_dot(config.block_b, dtype, shape.out_caps, shape.out_dim)
+    features = 1 if votes else _input_features(shape, use_dot)
+    return Launch("votes_pass" if votes else "routing_pass", jit._routing_pass_kernel,
                   dict(BACKWARD=backward, BLOCK_B=config.block_b, J_PAD=padded(shape.out_caps),
-                       D_PAD=padded(shape.out_dim), DIN_PAD=_input_features(shape, use_dot),
-                       DIN_TILE=din_tile(shape, dtype, use_dot), USE_DOT=use_dot,
-                       DOT_PRECISION=_dot_precision(dtype, use_dot, precision)), config.num_warps,
+                       D_PAD=padded(shape.out_dim), DIN_PAD=features,
+                       DIN_TILE=1 if votes else din_tile(shape, dtype, use_dot), USE_DOT=use_dot,
+                       DOT_PRECISION=_dot_precision(dtype, use_dot, precision), VOTES=votes), config.num_warps,
                   REGISTER_OPTIONS)
+
+
+# Routing from given votes: its passes and its phase B (routing_jit._votes_gradient_kernel)
+# share one configuration, sized by phase B's tiles per row (no W tile): u_hat, V, sigma, g
+# and the couplings' temporaries, counted as VOTES_STATE_TILES. With 4 (phase B's dense
+# count) the 4-row phase B at (J, D) = (32, 16) took 255 registers on 4 warps and spilled 8
+# bytes (Triton 3.6, sm_90); with 6 it takes 8 warps. A block of rows shares no load (each
+# row has its own votes): it only makes a program's tiles larger, so the block is the
+# largest that fits and that the rows fill.
+VOTES_STATE_TILES = 6
+
+
+def votes_pass_configs(shape: RoutingShape, dtype: torch.dtype) -> List[PassConfig]:
+    """The votes launches' configurations that fit, smallest block first (float64: one row)."""
+    blocks = PASS_BLOCKS[:1] if dtype == torch.float64 else PASS_BLOCKS
+    fitting = []
+    for block in blocks:
+        warps = _warps_for(_value_scale(dtype) * VOTES_STATE_TILES * block * _tile_columns(shape), shape)
+        if warps is not None:
+            fitting.append(PassConfig(block, warps))
+    return fitting or [_fallback()]
+
+
+def votes_pass_plan(shape: RoutingShape, dtype: torch.dtype, processors: int) -> PassPlan:
+    """pass_plan for routing from given votes (shape.batch: the votes' rows; in_dim unused)."""
+    configs = votes_pass_configs(shape, dtype)
+    config = next((config for config in reversed(configs) if shape.batch >= config.block_b), configs[0])
+    per_chunk, chunks = capsule_chunks(shape.batch, shape.in_caps, config.block_b, processors)
+    return PassPlan(config, chunks, per_chunk)
+
+
+def votes_gradient_launch(shape: RoutingShape, detach_routing: bool, config: PassConfig) -> Launch:
+    return Launch("votes_gradient", jit._votes_gradient_kernel,
+                  dict(DETACH_ROUTING=detach_routing, BLOCK_B=config.block_b, J_PAD=padded(shape.out_caps),
+                       D_PAD=padded(shape.out_dim)), config.num_warps, REGISTER_OPTIONS)
 
 
 def forward_reduce_launch(shape: RoutingShape, has_bias: bool, dtype: torch.dtype) -> Launch:
@@ -363,7 +401,8 @@ def reduce_grid(batch: int) -> Tuple[int]:
 
 def launch_configurations(shape: RoutingShape) -> Iterator[Tuple[torch.dtype, Launch]]:
     """(input dtype, launch) for every launch the launchers can make at these capsule
-    dimensions (any batch, any number of input capsules; shape.batch is not read), with
+    dimensions (any batch, any number of input capsules; shape.batch is not read), route_votes'
+    included, with
     both float32 tl.dot precisions. The backward reduction touches compute-dtype buffers
     only, so it is listed for float32 and float64 alone."""
     for dtype in DTYPES:
@@ -380,3 +419,11 @@ def launch_configurations(shape: RoutingShape) -> Iterator[Tuple[torch.dtype, La
     for dtype in (torch.float32, torch.float64):
         for prologue in (False, True):
             yield dtype, backward_reduce_launch(shape, prologue, dtype)
+    # Routing from given votes (J and D as here): its passes and phase B; its reductions are
+    # the ones above.
+    for dtype in DTYPES:
+        for config in votes_pass_configs(shape, dtype):
+            for backward in (False, True):
+                yield dtype, pass_launch(config, dtype, shape, backward, votes=True)
+            for detach_routing in (False, True):
+                yield dtype, votes_gradient_launch(shape, detach_routing, config)

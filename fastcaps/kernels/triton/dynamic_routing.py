@@ -51,11 +51,11 @@ def _on_device(u: Tensor):
 
 def _launch_pass(shape: RoutingShape, plan: configs.PassPlan, u: Tensor, weight: Tensor, v_sum: Tensor,
                  v_sum_stride: int, v_sum_rows: int, sigma: Optional[Tensor], sigma_stride: int,
-                 partial_dtype: torch.dtype, backward: bool, leaky: bool) -> Tensor:
+                 partial_dtype: torch.dtype, backward: bool, leaky: bool, votes: bool) -> Tensor:
     """One pass over the input capsules for shape.batch samples; returns the
-    (shape.batch, chunks, J, D) partials."""
+    (shape.batch, chunks, J, D) partials. With votes, u holds them (weight is not read)."""
     partial = u.new_empty(shape.batch, plan.chunks, shape.out_caps, shape.out_dim, dtype=partial_dtype)
-    _run(configs.pass_launch(plan.config, u.dtype, shape, backward), plan.grid(shape.batch),
+    _run(configs.pass_launch(plan.config, u.dtype, shape, backward, votes=votes), plan.grid(shape.batch),
          u, weight, v_sum, v_sum if sigma is None else sigma, partial,
          shape.batch, shape.in_caps, shape.out_caps, shape.out_dim, shape.in_dim,
          v_sum_stride, sigma_stride, v_sum_rows, plan.per_chunk, plan.chunks, int(leaky))
@@ -73,32 +73,47 @@ def routing_forward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(v, s, kept_u_hat): v (B, J, D) in u's dtype, s (B, r, J, D) in the compute dtype,
     kept_u_hat empty. ``detach_routing`` changes only the backward."""
-    acc = compute_dtype(u.dtype)
     batch, in_caps, in_dim = u.shape
     out_caps, _, out_dim, _ = weight.shape
+    whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
+    v, s = forward_iterations(whole, u, weight, bias, iterations, leaky, votes=False)
+    return v, s, s.new_empty(0)
+
+
+def forward_iterations(whole: RoutingShape, u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int,
+                       leaky: bool, votes: bool) -> Tuple[Tensor, Tensor]:
+    """(v, s) of ``iterations`` passes and reductions over whole.batch rows: of u with W, or,
+    with votes, of the given votes (B, I, J, D) in u (weight: the same tensor, not read)."""
+    acc = compute_dtype(u.dtype)
+    batch, out_caps, out_dim = whole.batch, whole.out_caps, whole.out_dim
     s = u.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)
     v = u.new_empty(batch, out_caps, out_dim)
-    kept_u_hat = s.new_empty(0)
     if batch == 0:
-        return v, s, kept_u_hat
+        return v, s
     with _on_device(u):
         u_k, weight_k = _prepare(u, weight)
         bias_k = s if bias is None else bias.contiguous()
-        whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
-        plan = configs.pass_plan(whole, u_k.dtype, configs.processors(u.device))
+        plan = _pass_plan(whole, u_k.dtype, u.device, votes)
         for start, stop in configs.launch_ranges(batch, plan.config.block_b):
             rows = stop - start
             shape = whole.with_batch(rows)
             reduce = configs.forward_reduce_launch(shape, bias is not None, acc)
             v_sum = u.new_empty(rows, out_caps, out_dim, dtype=acc)
+            rows_k = u_k[start:stop]
             for t in range(iterations):
                 # v_sum holds V_{t-1} for every row once t > 0; V_0 = 0 is not stored.
                 v_sum_rows = rows if t > 0 else 0
-                partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum, out_caps * out_dim,
-                                       v_sum_rows, None, 0, acc, backward=False, leaky=leaky)
+                partial = _launch_pass(shape, plan, rows_k, rows_k if votes else weight_k, v_sum,
+                                       out_caps * out_dim, v_sum_rows, None, 0, acc, backward=False, leaky=leaky,
+                                       votes=votes)
                 _run(reduce, configs.reduce_grid(rows), partial, bias_k, s[start:stop], v_sum, v[start:stop],
                      rows, out_caps, out_dim, iterations, t, plan.chunks, v_sum_rows)
-    return v, s, kept_u_hat
+    return v, s
+
+
+def _pass_plan(whole: RoutingShape, dtype: torch.dtype, device: torch.device, votes: bool) -> configs.PassPlan:
+    plan = configs.votes_pass_plan if votes else configs.pass_plan
+    return plan(whole, dtype, configs.processors(device))
 
 
 def routing_backward(
@@ -106,39 +121,15 @@ def routing_backward(
     iterations: int, detach_routing: bool, leaky: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_u, grad_weight, grad_bias); grad_bias is (J, D) even without a bias."""
-    acc = s.dtype
     batch, in_caps, in_dim = u.shape
     out_caps, _, out_dim, _ = weight.shape
     if batch == 0:
         return torch.empty_like(u), torch.zeros_like(weight), weight.new_zeros(out_caps, out_dim)
+    whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
     with _on_device(u):
         u_k, weight_k = _prepare(u, weight)
-        s = s.contiguous()
-        grad_v_k = grad_v.to(acc).contiguous()
-        jd = out_caps * out_dim
-        v_sum = u.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)  # V_{t-1} for every t
-        sigma = torch.empty_like(v_sum)
-        # With detach_routing only the last iteration carries gradient and c_r is a constant.
-        first_differentiable = iterations - 1 if detach_routing else 0
-        whole = RoutingShape(batch, in_caps, in_dim, out_caps, out_dim)
-        plan = configs.pass_plan(whole, u_k.dtype, configs.processors(u.device))
-        for start, stop in configs.launch_ranges(batch, plan.config.block_b):
-            rows = stop - start
-            shape = whole.with_batch(rows)
-            # This launch's samples: views into the batch's buffers.
-            s_part, grad_v_part = s[start:stop], grad_v_k[start:stop]
-            v_sum_part, sigma_part = v_sum[start:stop], sigma[start:stop]
-            carried = u.new_empty(rows, out_caps, out_dim, dtype=acc)
-            _run(configs.backward_reduce_launch(shape, True, acc), configs.reduce_grid(rows),
-                 s_part, s_part, grad_v_part, carried, v_sum_part, sigma_part, rows, out_caps, out_dim,
-                 iterations, iterations - 1, 0)
-            # Phase A: the r - 1 reverse passes, each a pass and a reduction giving the next sigma.
-            reduce = configs.backward_reduce_launch(shape, False, acc)
-            for t in range(iterations - 1, first_differentiable, -1):
-                partial = _launch_pass(shape, plan, u_k[start:stop], weight_k, v_sum_part[:, t], iterations * jd,
-                                       rows, sigma_part[:, t], iterations * jd, acc, backward=True, leaky=leaky)
-                _run(reduce, configs.reduce_grid(rows), partial, s_part, grad_v_part, carried, v_sum_part,
-                     sigma_part, rows, out_caps, out_dim, iterations, t - 1, plan.chunks)
+        v_sum, sigma, first_differentiable = backward_state(whole, grad_v, u_k, weight_k, s, iterations,
+                                                            detach_routing, leaky, votes=False)
         # Phase B. Every element is written: program (i, split) writes grad u[split's rows, i]
         # and the split's grad W[:, i], straight into grad W when there is one split and W is
         # resident (a streamed grad W is summed in memory: in the compute dtype).
@@ -147,6 +138,7 @@ def routing_backward(
         grad_u_k = torch.empty_like(u_k)
         splits = final_plan.splits
         direct = splits == 1 and final_plan.w_resident
+        acc = s.dtype
         grad_w_k = torch.empty_like(weight_k) if direct else weight_k.new_empty(splits, *weight_k.shape, dtype=acc)
         for first, last in configs.launch_ranges(in_caps):
             _run(final, (last - first, splits), u_k, weight_k, v_sum, sigma, grad_u_k, grad_w_k,
@@ -156,6 +148,43 @@ def routing_backward(
         grad_weight_k = grad_w_k if direct else grad_w_k.sum(dim=0)
         grad_bias = sigma[:, first_differentiable:].sum(dim=(0, 1))
     return grad_u_k.to(u.dtype), grad_weight_k.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+def backward_state(whole: RoutingShape, grad_v: Tensor, u_k: Tensor, weight_k: Tensor, s: Tensor, iterations: int,
+                   detach_routing: bool, leaky: bool, votes: bool) -> Tuple[Tensor, Tensor, int]:
+    """(v_sum, sigma, first_differentiable): V_{t-1} and dL/ds_t for every row and iteration
+    (B, r, J, D), from the prologue and phase A's r - 1 reverse passes (of u with W, or with
+    votes of the given votes in u_k), and the first iteration that carries gradient."""
+    acc = s.dtype
+    batch, out_caps, out_dim = whole.batch, whole.out_caps, whole.out_dim
+    s = s.contiguous()
+    grad_v_k = grad_v.to(acc).contiguous()
+    jd = out_caps * out_dim
+    v_sum = u_k.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)  # V_{t-1} for every t
+    sigma = torch.empty_like(v_sum)
+    # With detach_routing only the last iteration carries gradient and c_r is a constant.
+    first_differentiable = iterations - 1 if detach_routing else 0
+    plan = _pass_plan(whole, u_k.dtype, u_k.device, votes)
+    for start, stop in configs.launch_ranges(batch, plan.config.block_b):
+        rows = stop - start
+        shape = whole.with_batch(rows)
+        # This launch's samples: views into the batch's buffers.
+        s_part, grad_v_part = s[start:stop], grad_v_k[start:stop]
+        v_sum_part, sigma_part = v_sum[start:stop], sigma[start:stop]
+        rows_k = u_k[start:stop]
+        carried = u_k.new_empty(rows, out_caps, out_dim, dtype=acc)
+        _run(configs.backward_reduce_launch(shape, True, acc), configs.reduce_grid(rows),
+             s_part, s_part, grad_v_part, carried, v_sum_part, sigma_part, rows, out_caps, out_dim,
+             iterations, iterations - 1, 0)
+        # Phase A: the r - 1 reverse passes, each a pass and a reduction giving the next sigma.
+        reduce = configs.backward_reduce_launch(shape, False, acc)
+        for t in range(iterations - 1, first_differentiable, -1):
+            partial = _launch_pass(shape, plan, rows_k, rows_k if votes else weight_k, v_sum_part[:, t],
+                                   iterations * jd, rows, sigma_part[:, t], iterations * jd, acc, backward=True,
+                                   leaky=leaky, votes=votes)
+            _run(reduce, configs.reduce_grid(rows), partial, s_part, grad_v_part, carried, v_sum_part,
+                 sigma_part, rows, out_caps, out_dim, iterations, t - 1, plan.chunks)
+    return v_sum, sigma, first_differentiable
 
 
 KERNELS = RoutingKernels(routing_forward, routing_backward, keeps_nothing)

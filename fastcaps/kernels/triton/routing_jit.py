@@ -7,8 +7,12 @@ block the prediction is a matrix product, (samples x Din) @ (Din x J*D), for ``t
 and each W tile is loaded once for the block; smaller blocks multiply and sum in
 registers. The routing state of a sample is V (J x D), the sum of the v's so far (v_sum).
 
+Routing from given votes (route_votes) runs the same passes with VOTES set: u_hat is read
+from the votes instead of predicted, and its phase B is _votes_gradient_kernel.
+
 Layouts (all contiguous; "acc" is the compute dtype: float32, or float64 for float64):
     u        (B, I, Din)      input dtype
+    votes    (B, I, J, D)     input dtype, with VOTES in place of u and W (B: the votes' rows)
     weight   (J, I, D, Din)   input dtype, the DigitCaps layout
     s        (B, r, J, D)     acc, each iteration's pre-squash sum (saved for the backward)
     partial  (B, chunks, J, D) acc, one pass's sum over each chunk of input capsules
@@ -137,6 +141,12 @@ def _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_
 
 
 @triton.jit
+def _votes_tile(votes_ptr, rows, capsule, in_caps, jd, state_offsets, state_mask, ACC: tl.constexpr):
+    """votes[rows, capsule] as (BLOCK_B, J_PAD, D_PAD) in ACC: a given u_hat (route_votes)."""
+    return tl.load(votes_ptr + (rows * in_caps + capsule) * jd + state_offsets, mask=state_mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def _couplings(u_hat, v_sum, caps_valid, leaky):
     """c[b, j] = softmax_j(u_hat[b, j] . V[b, j]) over the real output capsules; exactly
     1/J when V = 0 (the first iteration). With leaky (an int, 0 or 1) a zero logit joins
@@ -156,8 +166,8 @@ def _couplings(u_hat, v_sum, caps_valid, leaky):
 
 @triton.jit
 def _routing_pass_kernel(
-    u_ptr,  # (B, I, Din)
-    w_ptr,  # (J, I, D, Din)
+    u_ptr,  # (B, I, Din); with VOTES the votes (B, I, J, D)
+    w_ptr,  # (J, I, D, Din); not read with VOTES
     v_sum_ptr,  # V_{t-1}: sample b at v_sum_ptr + b * v_sum_stride, (J, D)
     sigma_ptr,  # backward: dL/ds_t, sample b at sigma_ptr + b * sigma_stride, (J, D)
     partial_ptr,  # (B, chunks, J, D): this program writes [rows, chunk]
@@ -167,6 +177,7 @@ def _routing_pass_kernel(
     BACKWARD: tl.constexpr,  # False: sums c * u_hat (s_t); True: delta * u_hat (dL/dV_{t-1})
     BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr, DIN_PAD: tl.constexpr,
     DIN_TILE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VOTES: tl.constexpr,  # u_hat given (route_votes): read from u_ptr, not predicted
 ):
     """One routing pass over a chunk of input capsules for a block of samples."""
     ACC = partial_ptr.dtype.element_ty
@@ -184,8 +195,11 @@ def _routing_pass_kernel(
     first = chunk.to(tl.int64) * caps_per_chunk  # past 2^31 when in_caps is
     last = tl.minimum(first + caps_per_chunk, in_caps)
     for capsule in range(first, last):
-        u_hat = _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
-                         BLOCK_B, J_PAD, D_PAD, DIN_PAD, DIN_TILE, USE_DOT, ACC, DOT_PRECISION)
+        if VOTES:
+            u_hat = _votes_tile(u_ptr, rows, capsule, in_caps, out_caps * out_dim, state_offsets, state_mask, ACC)
+        else:
+            u_hat = _predict(u_ptr, w_ptr, rows, capsule, batch, in_caps, out_caps, out_dim, in_dim,
+                             BLOCK_B, J_PAD, D_PAD, DIN_PAD, DIN_TILE, USE_DOT, ACC, DOT_PRECISION)
         c = _couplings(u_hat, v_sum, caps_valid, leaky)
         if BACKWARD:
             gamma = tl.sum(sigma * u_hat, axis=2)  # dL/dc
@@ -411,6 +425,35 @@ def _routing_final_kernel(
         w_offsets, w_mask = _w_tile_offsets(0, in_caps, out_caps, out_dim, in_dim, 0, J_PAD, D_PAD, DIN_PAD)
         capsule_base = grad_w_split + capsule * out_dim * in_dim
         tl.store(capsule_base + w_offsets, grad_weight.to(grad_w_ptr.dtype.element_ty), mask=w_mask)
+
+
+@triton.jit
+def _votes_gradient_kernel(
+    votes_ptr,  # (B, I, J, D)
+    v_sum_ptr,  # (B, r, J, D): V_{t-1}
+    sigma_ptr,  # (B, r, J, D): dL/ds_t
+    grad_votes_ptr,  # (B, I, J, D) votes' dtype
+    batch, in_caps, out_caps, out_dim, iterations, first_differentiable, caps_per_chunk,
+    leaky,  # 1: leaky routing (_couplings), else 0
+    DETACH_ROUTING: tl.constexpr, BLOCK_B: tl.constexpr, J_PAD: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """Phase B of routing from given votes, for a block of rows and a chunk of input capsules
+    (the passes' grid): grad votes[rows, i] = dL/du_hat (_grad_u_hat) for each capsule i.
+    Nothing is summed across rows or capsules, so no order needs fixing and no W is touched."""
+    ACC = v_sum_ptr.dtype.element_ty
+    rows, state_offsets, state_mask = _state_tile(tl.program_id(0) * BLOCK_B, batch, out_caps, out_dim,
+                                                  BLOCK_B, J_PAD, D_PAD)
+    caps_valid = (tl.arange(0, J_PAD) < out_caps)[None, :]
+    jd = out_caps * out_dim
+    first = tl.program_id(1).to(tl.int64) * caps_per_chunk
+    last = tl.minimum(first + caps_per_chunk, in_caps)
+    for capsule in range(first, last):
+        u_hat = _votes_tile(votes_ptr, rows, capsule, in_caps, jd, state_offsets, state_mask, ACC)
+        grad_flat = _grad_u_hat(u_hat, v_sum_ptr, sigma_ptr, rows, state_offsets, state_mask, jd, iterations,
+                                first_differentiable, caps_valid, leaky, BLOCK_B, J_PAD, D_PAD, DETACH_ROUTING,
+                                ACC)
+        grad = tl.reshape(grad_flat, (BLOCK_B, J_PAD, D_PAD)).to(grad_votes_ptr.dtype.element_ty)
+        tl.store(grad_votes_ptr + (rows * in_caps + capsule) * jd + state_offsets, grad, mask=state_mask)
 
 
 # True when TRITON_INTERPRET=1 was set before triton decorated the kernels: they run on CPU.
