@@ -32,11 +32,13 @@ def test_conv_and_votes_cases_count_per_position_and_skip_providers_without_a_ke
     assert per_position == 3_833_856
     assert bench.flops(conv, 3, "forward") == 2 * 196 * per_position
     assert bench.flops(bench.CASES["votes"], 3, "forward") == 49 * 2 * 5 * 288 * 32 * 16  # votes given: no u_hat
-    planned = bench.points(["votes", "conv"], None, [3], ["forward"], ["reference", "reference-compiled", "triton"])
+    planned = bench.points(["votes", "conv", "em"], None, [3], ["forward"],
+                           ["reference", "reference-compiled", "triton"])
     assert [(p.case, p.batch, p.provider) for p in planned if p.case == "votes"] == [
-        ("votes", 1, "reference"), ("votes", 1, "reference-compiled"), ("votes", 8, "reference"),
-        ("votes", 8, "reference-compiled")]  # no Triton kernel for votes
+        (case, batch, provider) for case, batch in (("votes", 1), ("votes", 8))
+        for provider in ("reference", "reference-compiled", "triton")]
     assert {p.batch for p in planned if p.case == "conv"} == {1, 8}
+    assert {p.provider for p in planned if p.case == "em"} == {"reference", "reference-compiled"}  # no Triton EM kernel
     for point in planned:  # what the worker processes receive
         assert bench._point_from_json(json.loads(json.dumps(bench._point_to_json(point)))) == point
 

@@ -168,8 +168,12 @@ def _recorded_launches(shape: RoutingShape, processors: int) -> Iterator[Tuple[t
                                     u, weight, bias if has_bias else None, iterations, detach_routing, leaky)
                                 dynamic_routing.routing_backward(torch.zeros_like(v), u, weight, bias, s, kept,
                                                                  iterations, detach_routing, leaky)
-                                # The same rows as votes (route_votes: J and D as here).
-                                votes = torch.zeros(batch, shape.in_caps, shape.out_caps, shape.out_dim, dtype=dtype)
+                                # The same rows as votes (route_votes: J and D as here). Empty, not
+                                # zeros: no kernel runs, and the recorder keeps every call's
+                                # arguments, which as zeros reached 24 GB at (32, 32, 16) (1.2 GB
+                                # of float64 votes at B = 128) and were killed in CI; untouched
+                                # pages take none (1.5 GB peak).
+                                votes = torch.empty(batch, shape.in_caps, shape.out_caps, shape.out_dim, dtype=dtype)
                                 v, s = route_votes.votes_forward(votes, bias if has_bias else None, iterations, leaky)
                                 route_votes.votes_backward(torch.zeros_like(v), votes, s, iterations, detach_routing,
                                                            leaky)

@@ -20,6 +20,9 @@ made on u's device (``torch.cuda.device(u.device)``), whichever GPU is current, 
 here waits for the GPU (no host sync), so that forward+backward can be captured in a CUDA
 graph (tests/test_triton_kernels.py checks the launchers for syncing calls).
 
+The iterations and the backward's state (forward_iterations, backward_state) also serve
+routing from given votes (route_votes.py), which adds its own phase B.
+
 Under TRITON_INTERPRET=1 (set before triton is imported) the same kernels run on CPU
 tensors, which is how CI checks them. The interpreter has no bfloat16: there bfloat16
 inputs are widened to float32 before the launch, which computes the same products (a
@@ -83,7 +86,7 @@ def routing_forward(
 def forward_iterations(whole: RoutingShape, u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int,
                        leaky: bool, votes: bool) -> Tuple[Tensor, Tensor]:
     """(v, s) of ``iterations`` passes and reductions over whole.batch rows: of u with W, or,
-    with votes, of the given votes (B, I, J, D) in u (weight: the same tensor, not read)."""
+    with votes, of the given votes (B, I, J, D) in u (weight is then not read)."""
     acc = compute_dtype(u.dtype)
     batch, out_caps, out_dim = whole.batch, whole.out_caps, whole.out_dim
     s = u.new_empty(batch, iterations, out_caps, out_dim, dtype=acc)
