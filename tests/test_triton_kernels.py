@@ -503,7 +503,7 @@ def test_route_votes_bits_are_repeatable_and_do_not_depend_on_launch_splits(monk
     whole = _votes_forward_backward(*inputs)
     assert all(torch.equal(a, b) for a, b in zip(whole, _votes_forward_backward(*inputs)))
     monkeypatch.setattr(configs, "MAX_LAUNCH_ROWS", 2)
-    block = configs.votes_pass_plan(RoutingShape(19, 9, 1, 4, 6), torch.float32, 1).config.block_b
+    block = configs.pass_plan(RoutingShape(19, 9, 1, 4, 6), torch.float32, 1, votes=True).config.block_b
     assert len(configs.launch_ranges(19, block)) >= 2
     assert all(torch.equal(a, b) for a, b in zip(whole, _votes_forward_backward(*inputs)))
 

@@ -118,23 +118,29 @@ def _pass_fit(block_b: int, shape: RoutingShape, dtype: torch.dtype) -> Optional
     return None if warps is None else PassConfig(block_b, warps)
 
 
-def _fallback() -> PassConfig:
-    # Capsules too large for any block: one sample on 8 warps, and ptxas spills (slow, not wrong).
-    return PassConfig(1, WARPS_BY_VALUES[-1][1])
+def _fitting(blocks: Tuple[int, ...], dtype: torch.dtype, fit) -> List[PassConfig]:
+    """fit(block) for the blocks (float64: the first only) where it fits, smallest first; when
+    none does (capsules too large for any block), one sample on 8 warps, and ptxas spills
+    (slow, not wrong)."""
+    fitting = [config for config in (fit(block) for block in (blocks[:1] if dtype == torch.float64 else blocks))
+               if config]
+    return fitting or [PassConfig(1, WARPS_BY_VALUES[-1][1])]
+
+
+def _largest_filled(configs: List[PassConfig], batch: int) -> PassConfig:
+    """The largest block that the batch fills (16 needs 16 samples), else the smallest."""
+    return next((config for config in reversed(configs) if batch >= config.block_b), configs[0])
 
 
 def pass_configs(shape: RoutingShape, dtype: torch.dtype) -> List[PassConfig]:
     """The pass configurations that fit at these capsule dimensions, smallest block first.
     float64 takes one sample per program: larger blocks spilled at the MNIST shape."""
-    blocks = PASS_BLOCKS[:1] if dtype == torch.float64 else PASS_BLOCKS
-    fitting = [config for config in (_pass_fit(block, shape, dtype) for block in blocks) if config]
-    return fitting or [_fallback()]
+    return _fitting(PASS_BLOCKS, dtype, lambda block: _pass_fit(block, shape, dtype))
 
 
 def pass_config(batch: int, dtype: torch.dtype, shape: RoutingShape) -> PassConfig:
     """The largest fitting sample block that the batch fills (16 needs 16 samples)."""
-    configs = pass_configs(shape, dtype)
-    return next((config for config in reversed(configs) if batch >= config.block_b), configs[0])
+    return _largest_filled(pass_configs(shape, dtype), batch)
 
 
 def capsule_chunks(batch: int, in_caps: int, block_b: int, processors: int) -> Tuple[int, int]:
@@ -180,10 +186,14 @@ class PassPlan(NamedTuple):
         return triton.cdiv(rows, self.config.block_b), self.chunks
 
 
-def pass_plan(shape: RoutingShape, dtype: torch.dtype, processors: int) -> PassPlan:
+def pass_plan(shape: RoutingShape, dtype: torch.dtype, processors: int, votes: bool = False) -> PassPlan:
     """The passes' configuration and capsule chunks, chosen from the whole batch (shape.batch): a
-    batch split over several launches uses the same ones, so each sample gets the same bits."""
-    config = pass_config(shape.batch, dtype, shape)
+    batch split over several launches uses the same ones, so each sample gets the same bits.
+    votes: routing from given votes (votes_pass_configs; shape.batch the votes' rows)."""
+    if votes:
+        config = _largest_filled(votes_pass_configs(shape, dtype), shape.batch)
+    else:
+        config = pass_config(shape.batch, dtype, shape)
     per_chunk, chunks = capsule_chunks(shape.batch, shape.in_caps, config.block_b, processors)
     return PassPlan(config, chunks, per_chunk)
 
@@ -276,23 +286,14 @@ def pass_launch(config: PassConfig, dtype: torch.dtype, shape: RoutingShape, bac
 VOTES_STATE_TILES = 6
 
 
+def _votes_fit(block: int, shape: RoutingShape, dtype: torch.dtype) -> Optional[PassConfig]:
+    warps = _warps_for(_value_scale(dtype) * VOTES_STATE_TILES * block * _tile_columns(shape), shape)
+    return None if warps is None else PassConfig(block, warps)
+
+
 def votes_pass_configs(shape: RoutingShape, dtype: torch.dtype) -> List[PassConfig]:
     """The votes launches' configurations that fit, smallest block first (float64: one row)."""
-    blocks = PASS_BLOCKS[:1] if dtype == torch.float64 else PASS_BLOCKS
-    fitting = []
-    for block in blocks:
-        warps = _warps_for(_value_scale(dtype) * VOTES_STATE_TILES * block * _tile_columns(shape), shape)
-        if warps is not None:
-            fitting.append(PassConfig(block, warps))
-    return fitting or [_fallback()]
-
-
-def votes_pass_plan(shape: RoutingShape, dtype: torch.dtype, processors: int) -> PassPlan:
-    """pass_plan for routing from given votes (shape.batch: the votes' rows; in_dim unused)."""
-    configs = votes_pass_configs(shape, dtype)
-    config = next((config for config in reversed(configs) if shape.batch >= config.block_b), configs[0])
-    per_chunk, chunks = capsule_chunks(shape.batch, shape.in_caps, config.block_b, processors)
-    return PassPlan(config, chunks, per_chunk)
+    return _fitting(PASS_BLOCKS, dtype, lambda block: _votes_fit(block, shape, dtype))
 
 
 def votes_gradient_launch(shape: RoutingShape, detach_routing: bool, config: PassConfig) -> Launch:
@@ -344,16 +345,13 @@ def _final_fit(block_b: int, shape: RoutingShape, dtype: torch.dtype) -> Optiona
 def final_configs(shape: RoutingShape, dtype: torch.dtype) -> List[PassConfig]:
     """Phase B's configurations that fit at these capsule dimensions, smallest block first
     (float64: one sample at a time)."""
-    blocks = FINAL_BLOCKS[:1] if dtype == torch.float64 else FINAL_BLOCKS
-    fitting = [config for config in (_final_fit(block, shape, dtype) for block in blocks) if config]
-    return fitting or [_fallback()]
+    return _fitting(FINAL_BLOCKS, dtype, lambda block: _final_fit(block, shape, dtype))
 
 
 def final_config(batch: int, dtype: torch.dtype, shape: RoutingShape) -> PassConfig:
     """16 samples per step (the three products on tl.dot where they are 16 wide or more) once
     the batch has 16 and the tiles fit; else one sample at a time."""
-    configs = final_configs(shape, dtype)
-    return next((config for config in reversed(configs) if batch >= config.block_b), configs[0])
+    return _largest_filled(final_configs(shape, dtype), batch)
 
 
 class FinalPlan(NamedTuple):

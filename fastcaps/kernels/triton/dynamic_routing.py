@@ -56,10 +56,11 @@ def _launch_pass(shape: RoutingShape, plan: configs.PassPlan, u: Tensor, weight:
                  v_sum_stride: int, v_sum_rows: int, sigma: Optional[Tensor], sigma_stride: int,
                  partial_dtype: torch.dtype, backward: bool, leaky: bool, votes: bool) -> Tensor:
     """One pass over the input capsules for shape.batch samples; returns the
-    (shape.batch, chunks, J, D) partials. With votes, u holds them (weight is not read)."""
+    (shape.batch, chunks, J, D) partials. With votes, u holds them (weight is not read: u
+    stands in for its pointer)."""
     partial = u.new_empty(shape.batch, plan.chunks, shape.out_caps, shape.out_dim, dtype=partial_dtype)
     _run(configs.pass_launch(plan.config, u.dtype, shape, backward, votes=votes), plan.grid(shape.batch),
-         u, weight, v_sum, v_sum if sigma is None else sigma, partial,
+         u, u if votes else weight, v_sum, v_sum if sigma is None else sigma, partial,
          shape.batch, shape.in_caps, shape.out_caps, shape.out_dim, shape.in_dim,
          v_sum_stride, sigma_stride, v_sum_rows, plan.per_chunk, plan.chunks, int(leaky))
     return partial
@@ -96,7 +97,7 @@ def forward_iterations(whole: RoutingShape, u: Tensor, weight: Tensor, bias: Opt
     with _on_device(u):
         u_k, weight_k = _prepare(u, weight)
         bias_k = s if bias is None else bias.contiguous()
-        plan = _pass_plan(whole, u_k.dtype, u.device, votes)
+        plan = configs.pass_plan(whole, u_k.dtype, configs.processors(u.device), votes)
         for start, stop in configs.launch_ranges(batch, plan.config.block_b):
             rows = stop - start
             shape = whole.with_batch(rows)
@@ -106,17 +107,12 @@ def forward_iterations(whole: RoutingShape, u: Tensor, weight: Tensor, bias: Opt
             for t in range(iterations):
                 # v_sum holds V_{t-1} for every row once t > 0; V_0 = 0 is not stored.
                 v_sum_rows = rows if t > 0 else 0
-                partial = _launch_pass(shape, plan, rows_k, rows_k if votes else weight_k, v_sum,
+                partial = _launch_pass(shape, plan, rows_k, weight_k, v_sum,
                                        out_caps * out_dim, v_sum_rows, None, 0, acc, backward=False, leaky=leaky,
                                        votes=votes)
                 _run(reduce, configs.reduce_grid(rows), partial, bias_k, s[start:stop], v_sum, v[start:stop],
                      rows, out_caps, out_dim, iterations, t, plan.chunks, v_sum_rows)
     return v, s
-
-
-def _pass_plan(whole: RoutingShape, dtype: torch.dtype, device: torch.device, votes: bool) -> configs.PassPlan:
-    plan = configs.votes_pass_plan if votes else configs.pass_plan
-    return plan(whole, dtype, configs.processors(device))
 
 
 def routing_backward(
@@ -167,7 +163,7 @@ def backward_state(whole: RoutingShape, grad_v: Tensor, u_k: Tensor, weight_k: T
     sigma = torch.empty_like(v_sum)
     # With detach_routing only the last iteration carries gradient and c_r is a constant.
     first_differentiable = iterations - 1 if detach_routing else 0
-    plan = _pass_plan(whole, u_k.dtype, u_k.device, votes)
+    plan = configs.pass_plan(whole, u_k.dtype, configs.processors(u_k.device), votes)
     for start, stop in configs.launch_ranges(batch, plan.config.block_b):
         rows = stop - start
         shape = whole.with_batch(rows)
@@ -182,7 +178,7 @@ def backward_state(whole: RoutingShape, grad_v: Tensor, u_k: Tensor, weight_k: T
         # Phase A: the r - 1 reverse passes, each a pass and a reduction giving the next sigma.
         reduce = configs.backward_reduce_launch(shape, False, acc)
         for t in range(iterations - 1, first_differentiable, -1):
-            partial = _launch_pass(shape, plan, rows_k, rows_k if votes else weight_k, v_sum_part[:, t],
+            partial = _launch_pass(shape, plan, rows_k, weight_k, v_sum_part[:, t],
                                    iterations * jd, rows, sigma_part[:, t], iterations * jd, acc, backward=True,
                                    leaky=leaky, votes=votes)
             _run(reduce, configs.reduce_grid(rows), partial, s_part, grad_v_part, carried, v_sum_part,

@@ -22,7 +22,7 @@ from torch import Tensor
 from ...cases import RoutingShape
 from ..torch.route_votes import VotesKernels
 from . import configs
-from .dynamic_routing import _on_device, _pass_plan, _prepare, _run, backward_state, forward_iterations
+from .dynamic_routing import _on_device, _prepare, _run, backward_state, forward_iterations
 
 
 def _shape(votes: Tensor) -> RoutingShape:
@@ -41,10 +41,10 @@ def votes_backward(grad_v: Tensor, votes: Tensor, s: Tensor, iterations: int, de
     if whole.batch == 0:
         return torch.empty_like(votes), s.new_zeros(s.shape[2:])
     with _on_device(votes):
-        votes_k, _ = _prepare(votes, votes.new_empty(0))
-        v_sum, sigma, first_differentiable = backward_state(whole, grad_v, votes_k, votes_k, s, iterations,
+        votes_k, no_weight = _prepare(votes, votes.new_empty(0))
+        v_sum, sigma, first_differentiable = backward_state(whole, grad_v, votes_k, no_weight, s, iterations,
                                                             detach_routing, leaky, votes=True)
-        plan = _pass_plan(whole, votes_k.dtype, votes.device, votes=True)
+        plan = configs.pass_plan(whole, votes_k.dtype, configs.processors(votes.device), votes=True)
         gradient = configs.votes_gradient_launch(whole, detach_routing, plan.config)
         grad_votes = torch.empty_like(votes_k)
         for start, stop in configs.launch_ranges(whole.batch, plan.config.block_b):
