@@ -1,6 +1,7 @@
 """Two versions of the C++ routing kernels timed in one process, round by round.
 
     python benchmarks/ab_kernels.py OTHER_CHECKOUT [--batch 128] [--rounds 40] [--mode forward+backward]
+    python benchmarks/ab_kernels.py OTHER_CHECKOUT --case votes [--batch 8]
 
 On a noisy machine (a shared VM whose speed drifts by 30% within a minute) two processes
 timed one after the other cannot tell a 10% change from the drift. This builds the other
@@ -62,26 +63,41 @@ def step(ops, u, weight, bias, mode: str) -> None:
         ops.routing_cpu_backward(torch.ones_like(v), u, weight, s, kept, 3, False, False)
 
 
+def votes_step(ops, votes, grad_v, bias, mode: str) -> None:
+    v, s = ops.votes_cpu_forward(votes, bias, 3, False)
+    if mode == "forward+backward":
+        ops.votes_cpu_backward(grad_v, votes, s, 3, False, False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("other", type=pathlib.Path, help="a checkout of fastcaps whose csrc/ is compared")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--case", choices=("mnist", "votes"), default="mnist")
+    parser.add_argument("--batch", type=int, help="default: 128 (mnist), 8 (votes)")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--mode", choices=("forward", "forward+backward"), default="forward+backward")
     args = parser.parse_args()
     build_other(args.other.resolve())
     bench.steady_state_allocator()  # as the bench times: freed memory reused, no page faults per call
     generator = torch.Generator().manual_seed(0)
-    u = torch.randn(args.batch, 1152, 8, generator=generator)
-    weight = torch.randn(10, 1152, 16, 8, generator=generator) * 0.05
-    bias = u.new_empty(0)
     sides = {"this": torch.ops.fastcaps, "other": getattr(torch.ops, NAMESPACE)}
-    calls = {name: (lambda ops=ops: step(ops, u, weight, bias, args.mode)) for name, ops in sides.items()}
+    if args.case == "mnist":
+        args.batch = args.batch or 128
+        u = torch.randn(args.batch, 1152, 8, generator=generator)
+        weight = torch.randn(10, 1152, 16, 8, generator=generator) * 0.05
+        bias = u.new_empty(0)
+        calls = {name: (lambda ops=ops: step(ops, u, weight, bias, args.mode)) for name, ops in sides.items()}
+    else:
+        args.batch = args.batch or 8
+        votes = torch.randn(args.batch * 49, 288, 32, 16, generator=generator) / 4
+        grad_v = torch.randn(args.batch * 49, 32, 16, generator=generator)
+        bias = votes.new_empty(0)
+        calls = {name: (lambda ops=ops: votes_step(ops, votes, grad_v, bias, args.mode)) for name, ops in sides.items()}
     for call in calls.values():  # warm-up, not kept
         call()
     seconds = dict(zip(calls, bench.interleaved_rounds(list(calls.values()), args.rounds)))
     median, q1, q3 = report.round_ratios(seconds["other"], seconds["this"])
-    print(f"{args.mode} B={args.batch}, {torch.get_num_threads()} threads: this "
+    print(f"{args.case} {args.mode} B={args.batch}, {torch.get_num_threads()} threads: this "
           f"{statistics.median(seconds['this']) * 1e3:.2f} ms, other {statistics.median(seconds['other']) * 1e3:.2f} ms;"
           f" other / this median {median:.3f}x [{q1:.3f}, {q3:.3f}] over {args.rounds} rounds")
 

@@ -5,7 +5,8 @@ that a refactor can be shown to change no bit: run it before and after, then com
     python benchmarks/bitwise_snapshot.py save after.pt      # on the new code
     python benchmarks/bitwise_snapshot.py compare before.pt after.pt
 
-It goes through the public API only (fastcaps.dynamic_routing with positional arguments,
+It goes through the public API only (fastcaps.dynamic_routing and fastcaps.route_votes with
+positional arguments,
 fastcaps.CapsNet), so the same file runs on both sides of a move. Inputs come from a
 generator seeded per case, in float64, cast to the case's dtype. The Triton kernels run
 under the interpreter on CPU (TRITON_INTERPRET=1 is set here), at the small cases only.
@@ -39,6 +40,15 @@ CASES = [
     (3, 40, 4, 5, 8, 3, False, True, torch.float16),
     (3, 40, 4, 5, 8, 3, True, True, torch.bfloat16),
 ]
+# route_votes: (leading, in_caps, out_caps, out_dim, iterations, detach, bias, leaky, dtype)
+VOTES_CASES = [
+    ((8, 49), 288, 4, 16, 3, False, False, False, torch.float32),  # many rows: rows in parallel
+    ((3,), 37, 5, 6, 3, False, True, True, torch.float64),  # few rows: chunks across threads
+    ((2, 3), 301, 7, 11, 2, True, True, False, torch.float32),
+    ((17,), 9, 10, 16, 1, False, False, True, torch.float32),
+    ((5, 4), 33, 3, 5, 3, False, True, False, torch.float64),
+    ((4,), 40, 5, 8, 3, False, True, True, torch.float16),
+]
 # The interpreter is slow: Triton takes the cases with little work.
 TRITON_WORK = 20_000
 
@@ -57,6 +67,18 @@ def _routing(backend, case, seed):
     u, weight, bias, grad_v = _inputs(case, seed)
     leaves = [t.requires_grad_() for t in (u, weight, bias) if t is not None]
     v = fastcaps.dynamic_routing(u, weight, bias, case[5], case[6], backend)
+    return [v.detach(), *torch.autograd.grad(v, leaves, grad_v)]
+
+
+def _route_votes(backend, case, seed):
+    leading, in_caps, out_caps, out_dim, iterations, detach, bias, leaky, dtype = case
+    generator = torch.Generator().manual_seed(seed)
+    votes = torch.randn(*leading, in_caps, out_caps, out_dim, generator=generator, dtype=torch.float64) / 4
+    b = torch.randn(out_caps, out_dim, generator=generator, dtype=torch.float64) * 0.3 if bias else None
+    grad_v = torch.randn(*leading, out_caps, out_dim, generator=generator, dtype=torch.float64)
+    votes, b, grad_v = [None if t is None else t.to(dtype) for t in (votes, b, grad_v)]
+    leaves = [t.requires_grad_() for t in (votes, b) if t is not None]
+    v = fastcaps.route_votes(votes, b, iterations, detach, leaky, backend)
     return [v.detach(), *torch.autograd.grad(v, leaves, grad_v)]
 
 
@@ -79,6 +101,11 @@ def snapshot():
             if backend == "triton" and work > TRITON_WORK:
                 continue
             results[(backend, index)] = _routing(backend, case, seed=index)
+        for index, case in enumerate(VOTES_CASES):
+            work = torch.Size(case[0]).numel() * case[1] * case[2] * case[3]
+            if backend == "triton" and work > TRITON_WORK:
+                continue
+            results[(backend, "votes", index)] = _route_votes(backend, case, seed=100 + index)
         if backend != "triton":
             results[(backend, "capsnet")] = _capsnet(backend)
     return results

@@ -1,6 +1,6 @@
 """Where the C++ route_votes kernels spend their time, at bench case votes (B = 8: 392 rows of
 288 x 32 x 16D votes, float32): forward and backward at r = 3 and r = 1 (the difference is
-what the passes cost; r = 1 is mostly the lane-layout copy of the votes), beside a copy and
+what the passes cost; r = 1 is mostly the transposes of the votes into lanes), beside a copy and
 a sum of the votes (what moving them costs on this machine) and torch.compile of the
 reference's forward. Medians of 5 calls after a warm-up, the bench's steady-state allocator
 (glibc keeps freed memory: without it every fresh 231 MB buffer pays its page faults).

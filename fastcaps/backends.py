@@ -226,9 +226,9 @@ _KERNEL_FILES = frozenset((path.parent.name, path.stem)
 def resolve_backend(backend: str, device: torch.device, op: str = "dynamic_routing",
                     where: Optional[str] = None) -> str:
     """The concrete backend for a call of ``op`` on ``device``: "auto" resolved, a forced one
-    checked. "auto" passes over the backends that have no kernel for ``op`` (Triton has none
-    for route_votes yet) and takes the reference when none has; naming one of them is an
-    error that says so, never a fallback."""
+    checked. "auto" passes over the backends that have no kernel for ``op`` (the C++ and Triton
+    kernels have none for em_routing) and takes the reference when none has; naming one of
+    them is an error that says so, never a fallback."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":

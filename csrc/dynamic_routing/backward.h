@@ -38,13 +38,13 @@ FASTCAPS_INLINE void with_gradient_terms(int64_t n, const F& f) {
 
 // g[k] = sum over the terms q (iterations state.first + q, in order) of
 //   c_q[j] sigma_q[k], plus delta_q[j] V_q[k] for q > 0,
-// with k = j*D + d. N terms, or (N = 0) iterations - first of them: the per-iteration pointers
+// with k = j*D + d, iteration t's c and delta at c[t * stride + j] and lg[t * stride + j]. N terms, or (N = 0) iterations - first of them: the per-iteration pointers
 // and, per output capsule j, the couplings and logit gradients are taken once, out of the
 // loop over d (a loop over t inside it reloaded them for every output, and its dependent
 // adds and branches made it 30% of phase B: perf on AVX2, Zen 3).
 template <typename T, int64_t N>
 FASTCAPS_INLINE void sum_gradient_terms(const BackwardState<T>& state, int64_t b, const Vec<T>* c, const Vec<T>* lg,
-                                        int64_t J, int64_t D, Vec<T>* g) {
+                                        int64_t stride, int64_t J, int64_t D, Vec<T>* g) {
   const int64_t first = state.first, count = N > 0 ? N : state.iterations - first;
   constexpr int64_t kHeld = N > 0 ? N : 1;  // terms held in registers
   const T* sigma[kHeld];
@@ -56,8 +56,8 @@ FASTCAPS_INLINE void sum_gradient_terms(const BackwardState<T>& state, int64_t b
   for (int64_t j = 0; j < J; ++j) {
     Vec<T> cj[kHeld], lgj[kHeld];
     for (int64_t q = 0; q < kHeld; ++q) {
-      cj[q] = c[(first + q) * J + j];
-      lgj[q] = q > 0 ? lg[(first + q) * J + j] : Vec<T>{};
+      cj[q] = c[(first + q) * stride + j];
+      lgj[q] = q > 0 ? lg[(first + q) * stride + j] : Vec<T>{};
     }
     for (int64_t dd = 0; dd < D; ++dd) {
       const int64_t k = j * D + dd;
@@ -67,11 +67,21 @@ FASTCAPS_INLINE void sum_gradient_terms(const BackwardState<T>& state, int64_t b
         for (int64_t q = 1; q < N; ++q) acc += cj[q] * sigma[q][k] + lgj[q] * v_sum[q][k];
       } else {
         for (int64_t t = first + 1; t < first + count; ++t)
-          acc += c[t * J + j] * state.sigma_at(b, t)[k] + lg[t * J + j] * state.v_sum_at(b, t)[k];
+          acc += c[t * stride + j] * state.sigma_at(b, t)[k] + lg[t * stride + j] * state.v_sum_at(b, t)[k];
       }
       g[k] = acc;
     }
   }
+}
+
+// g = dL/du_hat of sample b for one block of capsules from every iteration's couplings and
+// logit gradients (those of iteration t at c + t * stride and lg + t * stride).
+template <typename T>
+FASTCAPS_INLINE void gradients_from_couplings(const Dims& d, const BackwardState<T>& state, int64_t b, const Vec<T>* c,
+                                              const Vec<T>* lg, int64_t stride, Vec<T>* g) {
+  with_gradient_terms(d.iterations - state.first, [&](auto terms) __attribute__((always_inline)) {
+    sum_gradient_terms<T, terms()>(state, b, c, lg, stride, d.out_caps, d.out_dim, g);
+  });
 }
 
 // g = dL/du_hat of sample b for one block of capsules (jd vectors), from its u_hat: every
@@ -94,9 +104,7 @@ FASTCAPS_INLINE void prediction_gradients(const Dims& d, const BackwardState<T>&
     else
       couplings<T>(&uh, state.v_sum_at(b, t), J, D, d.leaky, &ct);
   }
-  with_gradient_terms(r - state.first, [&](auto terms) __attribute__((always_inline)) {
-    sum_gradient_terms<T, terms()>(state, b, c, lg, J, D, g);
-  });
+  gradients_from_couplings(d, state, b, c, lg, J, g);
 }
 
 // grad u and grad W of S samples for one block, in one sweep over (e, k):
@@ -223,56 +231,82 @@ void gradient_block_from_kept(const Packed<T>& p, const BackwardState<T>& state,
   }
 }
 
-// The prologue (V_{t-1}, sigma_r), phase A (sigma_t for t < r) and grad bias: every backward's
-// first part, whatever it then differentiates (u and W, or given votes). With kept_u_hat the
-// passes read it, else they recompute u_hat.
+// The prologue of every backward: V_{t-1} as the forward built it (same squash, same order:
+// bitwise the same), and sigma_{r-1} from grad v.
 template <typename T>
-BackwardState<T> routing_state_backward(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach_routing,
-                                        const Vec<T>* kept_u_hat, T* grad_bias) {
+BackwardState<T> backward_prologue(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach_routing) {
   const Dims& d = p.d;
   const int64_t B = d.batch, J = d.out_caps, D = d.out_dim, jd = p.jd, r = d.iterations;
   BackwardState<T> state{r, jd, detach_routing ? r - 1 : 0, std::vector<T>(B * r * jd, T(0)),
                          std::vector<T>(B * r * jd, T(0))};
-  const auto s_at = [&](int64_t b, int64_t t) { return s_all + (b * r + t) * jd; };
-
-  // V_{t-1} as the forward built it (same squash, same order: bitwise the same), and
-  // sigma_{r-1} from grad v.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> v(jd);
     for (int64_t b = begin; b < end; ++b) {
+      const T* s_b = s_all + b * r * jd;
       for (int64_t t = 1; t < r; ++t) {
-        squash(s_at(b, t - 1), J, D, v.data());
+        squash(s_b + (t - 1) * jd, J, D, v.data());
         T* v_sum = state.v_sum.data() + (b * r + t) * jd;  // V_{t-1} = V_{t-2} + v_{t-1}
         const T* before = v_sum - jd;                         // V_{t-2}, all zeros at t = 1
         for (int64_t k = 0; k < jd; ++k) v_sum[k] = before[k] + v[k];
       }
-      squash_backward(s_at(b, r - 1), grad_v + b * jd, J, D, state.sigma.data() + (b * r + r - 1) * jd);
+      squash_backward(s_b + (r - 1) * jd, grad_v + b * jd, J, D, state.sigma.data() + (b * r + r - 1) * jd);
     }
   });
+  return state;
+}
 
-  // Phase A: pass k runs backward through iteration t = r-1-k, giving G = dL/dV_{t-1};
-  // then dL/dv_{t-1} = the sum of the G so far, and sigma_{t-1} from it.
-  std::vector<T> grad_v_sum(B * jd, T(0));
-  auto pass_of = [&](int64_t b, int64_t k, int64_t chunk) {
-    const int64_t t = r - 1 - k;
-    return Pass<T>{b, chunk, k == 0 && kept_u_hat == nullptr, state.v_sum_at(b, t), state.sigma_at(b, t)};
-  };
-  auto finish = [&](int64_t b, int64_t k, const T* partials) {
-    const int64_t t = r - 1 - k;
+// Phase A's passes, for run_passes or tile_passes: pass k runs backward through iteration
+// t = r-1-k, giving G = dL/dV_{t-1}; then dL/dv_{t-1} = the sum of the G so far, and
+// sigma_{t-1} from it. Each sample's finish writes that sample's state only.
+template <typename T>
+struct ReversePasses {
+  const Packed<T>& p;
+  BackwardState<T>& state;
+  const T* s_all;
+  bool predict;                 // the first pass computes u_hat (none kept)
+  std::vector<T> grad_v_sum;    // per sample, the G so far
+
+  ReversePasses(const Packed<T>& packed, BackwardState<T>& backward_state, const T* s, bool predict_first)
+      : p(packed), state(backward_state), s_all(s), predict(predict_first), grad_v_sum(p.d.batch * p.jd, T(0)) {}
+  int64_t steps() const { return p.d.iterations - 1 - state.first; }  // none when detached
+  Pass<T> pass(int64_t b, int64_t k, int64_t chunk) const {
+    const int64_t t = p.d.iterations - 1 - k;
+    return Pass<T>{b, chunk, k == 0 && predict, state.v_sum_at(b, t), state.sigma_at(b, t)};
+  }
+  void finish(int64_t b, int64_t k, const T* partials) {
+    const int64_t r = p.d.iterations, t = r - 1 - k, jd = p.jd;
     std::vector<T> grad_v_sum_t(jd);
     sum_chunks(partials, p.chunks, jd, grad_v_sum_t.data());
     T* total = grad_v_sum.data() + b * jd;
     for (int64_t q = 0; q < jd; ++q) total[q] += grad_v_sum_t[q];
-    squash_backward(s_at(b, t - 1), total, J, D, state.sigma.data() + (b * r + t - 1) * jd);
-  };
-  // Reads the kept u_hat when there is one (run_passes writes only where it predicts).
-  run_passes(p, detach_routing ? 0 : r - 1, pass_of, finish, const_cast<Vec<T>*>(kept_u_hat));
+    squash_backward(s_all + (b * r + t - 1) * jd, total, p.d.out_caps, p.d.out_dim,
+                    state.sigma.data() + (b * r + t - 1) * jd);
+  }
+};
 
-  // grad bias: every sigma_t that carries gradient, summed in a fixed order.
-  std::fill(grad_bias, grad_bias + jd, T(0));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = state.first; t < r; ++t)
-      for (int64_t k = 0; k < jd; ++k) grad_bias[k] += state.sigma_at(b, t)[k];
+// grad bias: every sigma_t that carries gradient, summed in a fixed order.
+template <typename T>
+void bias_gradient(const BackwardState<T>& state, int64_t batch, T* grad_bias) {
+  std::fill(grad_bias, grad_bias + state.jd, T(0));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = state.first; t < state.iterations; ++t)
+      for (int64_t k = 0; k < state.jd; ++k) grad_bias[k] += state.sigma_at(b, t)[k];
+}
+
+// The prologue, phase A (sigma_t for t < r) and grad bias, with phase A parallel as run_passes
+// schedules it: the dense backward's first part. With kept_u_hat the passes read it, else they
+// recompute u_hat.
+template <typename T>
+BackwardState<T> routing_state_backward(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach_routing,
+                                        const Vec<T>* kept_u_hat, T* grad_bias) {
+  BackwardState<T> state = backward_prologue(p, grad_v, s_all, detach_routing);
+  ReversePasses<T> phase_a(p, state, s_all, kept_u_hat == nullptr);
+  // Reads the kept u_hat when there is one (run_passes writes only where it predicts).
+  run_passes(
+      p, phase_a.steps(), [&](int64_t b, int64_t k, int64_t chunk) { return phase_a.pass(b, k, chunk); },
+      [&](int64_t b, int64_t k, const T* partials) { phase_a.finish(b, k, partials); },
+      const_cast<Vec<T>*>(kept_u_hat));
+  bias_gradient(state, p.d.batch, grad_bias);
   return state;
 }
 

@@ -11,16 +11,15 @@
 
 FASTCAPS_KERNELS_BEGIN
 
-// With u_hat_given, kept_u_hat already holds every sample's u_hat (route_votes) and no pass
-// predicts; else the first pass computes it (into kept_u_hat when there is one).
+// The first pass computes u_hat (into kept_u_hat when there is one; from the votes for
+// route_votes, Packed::votes) and the later passes read it.
 template <typename T>
-void forward_kernel(const Packed<T>& p, const T* bias, T* v_out, T* s_out, Vec<T>* kept_u_hat,
-                    bool u_hat_given = false) {
+void forward_kernel(const Packed<T>& p, const T* bias, T* v_out, T* s_out, Vec<T>* kept_u_hat) {
   const Dims& d = p.d;
   const int64_t jd = p.jd, r = d.iterations;
   std::vector<T> v_sum(d.batch * jd, T(0));  // V_{t-1} per sample
   auto pass_of = [&](int64_t b, int64_t t, int64_t chunk) {
-    return Pass<T>{b, chunk, t == 0 && !u_hat_given, t == 0 ? nullptr : v_sum.data() + b * jd, nullptr};
+    return Pass<T>{b, chunk, t == 0, t == 0 ? nullptr : v_sum.data() + b * jd, nullptr};
   };
   auto finish = [&](int64_t b, int64_t t, const T* partials) {
     T* s = s_out + (b * r + t) * jd;

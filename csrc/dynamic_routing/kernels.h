@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> votes_cpu_forward(const at::Tensor& votes, co
   at::Tensor v = at::empty({d.batch, d.out_caps, d.out_dim}, votes.options());
   at::Tensor s = at::empty({d.batch, d.iterations, d.out_caps, d.out_dim}, votes.options());
   AT_DISPATCH_FLOATING_TYPES(votes.scalar_type(), "votes_cpu_forward", [&] {
-    votes_forward_kernel<scalar_t>(votes_packed<scalar_t>(d), votes.const_data_ptr<scalar_t>(),
+    votes_forward_kernel<scalar_t>(votes_packed<scalar_t>(d, votes.const_data_ptr<scalar_t>()),
                                    bias.numel() ? bias.const_data_ptr<scalar_t>() : nullptr,
                                    v.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>());
   });
@@ -139,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor> votes_cpu_backward(const at::Tensor& grad_v, 
   at::Tensor grad_votes = at::empty_like(votes);
   at::Tensor grad_bias = at::empty({d.out_caps, d.out_dim}, votes.options());
   AT_DISPATCH_FLOATING_TYPES(votes.scalar_type(), "votes_cpu_backward", [&] {
-    votes_backward_kernel<scalar_t>(votes_packed<scalar_t>(d), grad_v.const_data_ptr<scalar_t>(),
-                                    s.const_data_ptr<scalar_t>(), detach_routing, votes.const_data_ptr<scalar_t>(),
+    votes_backward_kernel<scalar_t>(votes_packed<scalar_t>(d, votes.const_data_ptr<scalar_t>()),
+                                    grad_v.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), detach_routing,
                                     grad_votes.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>());
   });
   return {grad_votes, grad_bias};

@@ -42,6 +42,7 @@ struct Packed {
   LaneArray<T> packed_weight;   // (blocks, Din, jd), or empty
   LaneArray<T> inputs;          // (B, blocks, Din): inputs[b, blk, e][l] = u[b, blk*L + l, e]
   bool parallel_samples;        // run_passes' schedule: samples in parallel (else chunks, per group)
+  const T* votes = nullptr;     // route_votes: (N, I, J, D), the u_hat a pass that predicts reads (votes.h)
 
   int64_t block_size() const { return d.in_dim * jd; }  // vectors of packed W per block
   const Vec<T>* input_block(int64_t b, int64_t blk) const { return inputs.data() + (b * blocks + blk) * d.in_dim; }
@@ -99,7 +100,10 @@ void pack_input_block(const Dims& d, const T* u, int64_t b, int64_t blk, Vec<T>*
     const int64_t n = std::min(L, d.in_dim - c0);
     load_tile(u + (b * d.in_caps + blk * L) * d.in_dim + c0, d.in_dim, used, n, tile);
     transpose<T>(tile);
-    for (int64_t q = 0; q < n; ++q) out[c0 + q] = tile[q];
+    if (n == L)  // a constant count: the copy of a run-time count became a rep movs of the tile
+      for (int64_t q = 0; q < L; ++q) out[c0 + q] = tile[q];
+    else
+      for (int64_t q = 0; q < n; ++q) out[c0 + q] = tile[q];
   }
 }
 
@@ -121,6 +125,14 @@ template <typename T>
 FASTCAPS_INLINE void unpack_input_block(const Dims& d, const Vec<T>* packed, int64_t b, int64_t blk, T* u) {
   const int64_t L = kLanes<T>;
   unpack_lanes(packed, d.in_dim, std::min(L, d.in_caps - blk * L), u + (b * d.in_caps + blk * L) * d.in_dim, d.in_dim);
+}
+
+// votes (N, I, J, D) as rows of u with J*D "input features": pack_input_block and
+// unpack_input_block then move them into and out of the lane layout (route_votes).
+inline Dims votes_rows(const Dims& d) {
+  Dims rows = d;
+  rows.in_dim = d.jd();
+  return rows;
 }
 
 FASTCAPS_KERNELS_END

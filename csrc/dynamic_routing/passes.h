@@ -207,14 +207,19 @@ FASTCAPS_INLINE void couplings_and_logit_gradients(const Vec<T>* const* uh, cons
 //   backward (sigma not null): sum_i delta_ij uh_ij, its share of dL/dV_{t-1}.
 // v_sum is V_{t-1} = v_1 + ... + v_{t-1} (null on the first forward pass: uniform
 // couplings). With predict the chunk's u_hat is computed into uh (the sample's buffer,
-// blocks x jd vectors), from the chunk's packed W or, when that is null, from W's rows;
-// else it is read from uh.
+// blocks x jd vectors), from the chunk's packed W or, when that is null, from W's rows, or
+// for route_votes (Packed::votes) transposed from the votes; else it is read from uh.
+// With kept_weights (and, backward, kept_couplings) the pass leaves its capsule weights (c_ij
+// forward, delta_ij backward) and a backward pass its c_ij there, J vectors per block at
+// blk * J for every block of the sample, instead of in scratch for the chunk only.
 template <typename T>
 struct Pass {
   int64_t sample, chunk;
   bool predict;
   const T* v_sum;
   const T* sigma;
+  Vec<T>* kept_weights = nullptr;
+  Vec<T>* kept_couplings = nullptr;
 };
 
 // Up to kSampleTile samples' passes over the same chunk, swept together so that their u_hat
@@ -264,7 +269,8 @@ void sweep_chunk(const Packed<T>& p, const Tile<T>& tile, const Vec<T>* chunk_we
   const bool predict_here = tile.pass[0].predict;
   const int64_t first = tile.pass[0].chunk * kChunkBlocks, last = std::min(p.blocks, first + kChunkBlocks);
   const auto capsule_weights = [&](int64_t s, int64_t blk) {
-    return scratch.capsule_weights.data() + (s * kChunkBlocks + blk - first) * J;
+    Vec<T>* kept = tile.pass[s].kept_weights;
+    return kept != nullptr ? kept + blk * J : scratch.capsule_weights.data() + (s * kChunkBlocks + blk - first) * J;
   };
   // Blocks in groups of kDotBlocks: u_hat of each, then each sample's couplings for the
   // group from one load of its V (and sigma) per output (capsule_dots).
@@ -277,7 +283,14 @@ void sweep_chunk(const Packed<T>& p, const Tile<T>& tile, const Vec<T>* chunk_we
         x[s] = p.input_block(tile.pass[s].sample, blk);
         uh[s] = tile.uh[s] + blk * jd;
       }
-      if (predict_here && chunk_weight != nullptr) {
+      if (predict_here && p.votes != nullptr) {
+        for (int64_t s = 0; s < n; ++s) {
+          // The next block's votes (one contiguous run) asked for while this one is transposed.
+          const int64_t next = std::min(blk + 1, p.blocks - 1) * kLanes<T>, sample = tile.pass[s].sample;
+          prefetch(p.votes + (sample * p.d.in_caps + next) * jd, std::min(kLanes<T>, p.d.in_caps - next) * jd);
+          pack_input_block(votes_rows(p.d), p.votes, sample, blk, uh[s]);
+        }
+      } else if (predict_here && chunk_weight != nullptr) {
         const Vec<T>* w = chunk_weight + (blk - first) * p.block_size();
         with_tile_size(n, [&](auto S) __attribute__((always_inline)) { predict<T, S()>(x, w, p.d.in_dim, jd, uh); });
       } else if (predict_here) {
@@ -292,7 +305,8 @@ void sweep_chunk(const Packed<T>& p, const Tile<T>& tile, const Vec<T>* chunk_we
       for (int64_t q = 0; q < blocks; ++q) {
         uh[q] = tile.uh[s] + (group + q) * jd;
         weights[q] = capsule_weights(s, group + q);
-        c[q] = scratch.couplings.data() + q * J;  // a backward pass's couplings, needed only here
+        // a backward pass's couplings: needed only here, unless kept
+        c[q] = pass.kept_couplings != nullptr ? pass.kept_couplings + (group + q) * J : scratch.couplings.data() + q * J;
       }
       with_count_up_to<kDotBlocks>(blocks, [&](auto N) __attribute__((always_inline)) {
         if (pass.sigma == nullptr)
@@ -312,6 +326,25 @@ void sweep_chunk(const Packed<T>& p, const Tile<T>& tile, const Vec<T>* chunk_we
   }
 }
 
+// Passes k = 0 .. steps - 1 of the samples b0 .. b0 + n - 1 (n <= kSampleTile), swept
+// together chunk by chunk: sample s's u_hat at uh + s * blocks * jd, its chunk partials at
+// partials + s * chunks * jd, finish(b, k, partials) after each pass. The many-samples unit of
+// run_passes, and the votes backward's per-sample phase A (votes.h).
+template <typename T, typename PassOf, typename Finish, typename ChunkWeight>
+void tile_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const Finish& finish, int64_t b0, int64_t n,
+                 Vec<T>* uh, T* partials, const ChunkWeight& chunk_weight, Scratch<T>& scratch) {
+  const int64_t per_sample = p.blocks * p.jd, partials_per_sample = p.chunks * p.jd;
+  for (int64_t k = 0; k < steps; ++k) {
+    for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
+      Tile<T> tile;
+      for (int64_t s = 0; s < n; ++s)
+        tile.add(pass_of(b0 + s, k, chunk), uh + s * per_sample, partials + s * partials_per_sample + chunk * p.jd);
+      sweep_chunk(p, tile, tile.pass[0].predict ? chunk_weight(scratch, chunk) : nullptr, scratch);
+    }
+    for (int64_t s = 0; s < n; ++s) finish(b0 + s, k, partials + s * partials_per_sample);
+  }
+}
+
 // Runs `steps` passes for every sample: pass k of sample b sweeps all its chunks
 // (pass_of(b, k, chunk) says how), then finish(b, k, partials) combines the chunk partials.
 // Two schedules; a sample's arithmetic is the same in both, and whatever the thread count:
@@ -326,32 +359,27 @@ template <typename T, typename PassOf, typename Finish>
 void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const Finish& finish, Vec<T>* kept_u_hat) {
   const int64_t per_sample = p.blocks * p.jd, partials_per_sample = p.chunks * p.jd, B = p.d.batch;
   if (steps == 0 || B == 0) return;
-  const auto chunk_weight = [&](Scratch<T>& scratch, int64_t chunk) {
+  const auto chunk_weight = [&](Scratch<T>& scratch, int64_t chunk) -> const Vec<T>* {
+    if (p.votes != nullptr) return nullptr;  // route_votes: no W
     return scratch.packed_weight(p, chunk * kChunkBlocks, std::min(p.blocks, (chunk + 1) * kChunkBlocks));
   };
   if (p.parallel_samples) {
+    // Tiles share each read of a chunk's W; votes have no W to share, and one sample's u_hat
+    // alone stays nearer the core (L2) across the passes.
+    const int64_t tile_size = p.votes != nullptr ? 1 : kSampleTile;
     struct ThreadState {
       LaneArray<T> uh;
       std::vector<T> partials;
       Scratch<T> scratch;
     };
     const auto make_state = [&] {
-      return ThreadState{LaneArray<T>(kept_u_hat == nullptr ? kSampleTile * per_sample : 0),
-                         std::vector<T>(kSampleTile * partials_per_sample), Scratch<T>(p)};
+      return ThreadState{LaneArray<T>(kept_u_hat == nullptr ? tile_size * per_sample : 0),
+                         std::vector<T>(tile_size * partials_per_sample), Scratch<T>(p)};
     };
-    parallel_items((B + kSampleTile - 1) / kSampleTile, make_state, [&](int64_t tile_index, ThreadState& state) {
-      const int64_t b0 = tile_index * kSampleTile, n = std::min(kSampleTile, B - b0);
-      for (int64_t k = 0; k < steps; ++k) {
-        for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
-          Tile<T> tile;
-          for (int64_t s = 0; s < n; ++s)
-            tile.add(pass_of(b0 + s, k, chunk),
-                     kept_u_hat == nullptr ? state.uh.data() + s * per_sample : kept_u_hat + (b0 + s) * per_sample,
-                     state.partials.data() + s * partials_per_sample + chunk * p.jd);
-          sweep_chunk(p, tile, tile.pass[0].predict ? chunk_weight(state.scratch, chunk) : nullptr, state.scratch);
-        }
-        for (int64_t s = 0; s < n; ++s) finish(b0 + s, k, state.partials.data() + s * partials_per_sample);
-      }
+    parallel_items((B + tile_size - 1) / tile_size, make_state, [&](int64_t tile_index, ThreadState& state) {
+      const int64_t b0 = tile_index * tile_size, n = std::min(tile_size, B - b0);
+      Vec<T>* uh = kept_u_hat == nullptr ? state.uh.data() : kept_u_hat + b0 * per_sample;
+      tile_passes(p, steps, pass_of, finish, b0, n, uh, state.partials.data(), chunk_weight, state.scratch);
     });
     return;
   }

@@ -1,11 +1,13 @@
 // Routing from given votes (fastcaps::route_votes) on the dynamic-routing kernels: the votes
-// are u_hat, so they are put in the lane layout the passes read (the layout of the kept u_hat)
-// and no pass predicts. Forward: forward_kernel's r passes. Backward: the same prologue and
-// phase A as the dense backward (routing_state_backward), then per sample and block
-// g = dL/du_hat (prediction_gradients), which is grad votes, turned back to one row per child.
+// are u_hat, so where the dense passes predict u_hat into a sample's buffer these transpose
+// the sample's votes into it (the lane layout the passes read). Forward: forward_kernel's r
+// passes. Backward: the dense backward's prologue, phase A's passes and phase B's
+// g = dL/du_hat (prediction_gradients), which is grad votes, turned back to one row per child;
+// fused per sample (votes_backward_kernel).
 
 #pragma once
 
+#include "../common/parallel.h"
 #include "backward.h"
 #include "forward.h"
 #include "layout.h"
@@ -13,59 +15,80 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <vector>
 
 FASTCAPS_KERNELS_BEGIN
 
-// votes (N, I, J, D) as rows of u with J*D "input features": pack_input_block and
-// unpack_input_block then move them into and out of the lane layout.
-inline Dims votes_rows(const Dims& d) {
-  Dims rows = d;
-  rows.in_dim = d.jd();
-  return rows;
-}
-
-// The passes' view of a votes call: no W and no packed inputs (nothing predicts; in_dim 1
-// only sizes Scratch's unused buffers), samples in parallel where there are enough of them.
+// The passes' view of a votes call: no W and no packed inputs (in_dim 1 only sizes
+// Scratch's unused buffers); the passes that predict transpose each block of the votes into
+// the sample's u_hat buffer instead (sweep_chunk), so the votes are read where they lie and
+// no lane-layout copy of them is made for the call. Samples in parallel where there are
+// enough of them.
 template <typename T>
-Packed<T> votes_packed(const Dims& d) {
+Packed<T> votes_packed(const Dims& d, const T* votes) {
   return Packed<T>{d, d.jd(), d.blocks<T>(), d.chunks<T>(), nullptr, {}, {}, LaneArray<T>(0), LaneArray<T>(0),
-                   samples_in_parallel(d.batch)};
+                   samples_in_parallel(d.batch), votes};
 }
 
-// lanes[(b * blocks + blk) * jd + k][l] = votes[b, blk * L + l, k], zero past the last child.
 template <typename T>
-LaneArray<T> votes_in_lanes(const Packed<T>& p, const T* votes) {
+void votes_forward_kernel(const Packed<T>& p, const T* bias, T* v_out, T* s_out) {
+  forward_kernel<T>(p, bias, v_out, s_out, /*kept_u_hat=*/nullptr);
+}
+
+// One sample (row) at a time per thread, whatever the batch: its votes are transposed into
+// its u_hat buffer by phase A's first pass, the reverse passes read them there and keep every
+// iteration's couplings and logit gradients, and phase B takes g from those and the u_hat
+// buffer: the votes are read from memory once and no coupling is computed twice. (With no
+// reverse pass, detached or r = 1, phase B transposes each block itself and computes its
+// couplings, prediction_gradients.) A sample's state and g depend on that sample alone: any
+// split over samples gives the same bits, and they are the bits of the unfused schedule.
+template <typename T>
+void votes_backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach_routing, T* grad_votes,
+                           T* grad_bias) {
+  BackwardState<T> state = backward_prologue(p, grad_v, s_all, detach_routing);
+  ReversePasses<T> phase_a(p, state, s_all, /*predict_first=*/true);
   const Dims rows = votes_rows(p.d);
-  LaneArray<T> lanes(p.d.batch * p.blocks * p.jd);
-  at::parallel_for(0, p.d.batch * p.blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item)
-      pack_input_block(rows, votes, item / p.blocks, item % p.blocks, lanes.data() + item * p.jd);
-  });
-  return lanes;
-}
-
-template <typename T>
-void votes_forward_kernel(const Packed<T>& p, const T* votes, const T* bias, T* v_out, T* s_out) {
-  LaneArray<T> lanes = votes_in_lanes(p, votes);
-  forward_kernel<T>(p, bias, v_out, s_out, lanes.data(), /*u_hat_given=*/true);
-}
-
-template <typename T>
-void votes_backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, bool detach_routing, const T* votes,
-                           T* grad_votes, T* grad_bias) {
-  LaneArray<T> lanes = votes_in_lanes(p, votes);
-  const BackwardState<T> state = routing_state_backward(p, grad_v, s_all, detach_routing, lanes.data(), grad_bias);
-  const Dims rows = votes_rows(p.d);
-  // Each sample's g depends on its own state only: any split over samples gives the same bits.
-  at::parallel_for(0, p.d.batch, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> scratch(p);
-    Vec<T>* g = scratch.row_grad.data();
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t blk = 0; blk < p.blocks; ++blk) {
-        prediction_gradients(p.d, state, b, lanes.data() + (b * p.blocks + blk) * p.jd, scratch, g);
-        unpack_input_block(rows, g, b, blk, grad_votes);
+  const int64_t steps = phase_a.steps(), jd = p.jd, J = p.d.out_caps, r = p.d.iterations;
+  const int64_t per_iteration = p.blocks * J;  // c or delta of one iteration, every block
+  struct RowState {
+    LaneArray<T> uh, couplings, logit_grads;  // [t][blk][j]
+    std::vector<T> partials;
+    Scratch<T> scratch;
+  };
+  const auto make_state = [&] {
+    const int64_t kept = steps > 0 ? r * per_iteration : 0;
+    RowState row{LaneArray<T>(steps > 0 ? p.blocks * jd : jd), LaneArray<T>(kept), LaneArray<T>(kept),
+                 std::vector<T>(p.chunks * jd), Scratch<T>(p)};
+    // Iteration 0's couplings, as couplings() forms them: uniform (no pass computes them).
+    std::fill(row.couplings.data(), row.couplings.data() + (steps > 0 ? per_iteration : 0),
+              Vec<T>{} + T(1) / T(J + p.d.leaky));
+    return row;
+  };
+  const auto no_weight = [](Scratch<T>&, int64_t) -> const Vec<T>* { return nullptr; };
+  parallel_items(p.d.batch, make_state, [&](int64_t b, RowState& row) {
+    Vec<T>* uh = row.uh.data();
+    const auto pass_of = [&](int64_t sample, int64_t k, int64_t chunk) {
+      Pass<T> pass = phase_a.pass(sample, k, chunk);
+      const int64_t t = r - 1 - k;
+      pass.kept_weights = row.logit_grads.data() + t * per_iteration;
+      pass.kept_couplings = row.couplings.data() + t * per_iteration;
+      return pass;
+    };
+    const auto finish = [&](int64_t sample, int64_t k, const T* partials) { phase_a.finish(sample, k, partials); };
+    tile_passes(p, steps, pass_of, finish, b, 1, uh, row.partials.data(), no_weight, row.scratch);
+    Vec<T>* g = row.scratch.row_grad.data();
+    for (int64_t blk = 0; blk < p.blocks; ++blk) {
+      if (steps > 0) {
+        gradients_from_couplings(p.d, state, b, row.couplings.data() + blk * J, row.logit_grads.data() + blk * J,
+                                 per_iteration, g);
+      } else {
+        pack_input_block(rows, p.votes, b, blk, uh);
+        prediction_gradients(p.d, state, b, uh, row.scratch, g);
       }
+      unpack_input_block(rows, g, b, blk, grad_votes);
+    }
   });
+  bias_gradient(state, p.d.batch, grad_bias);
 }
 
 FASTCAPS_KERNELS_END

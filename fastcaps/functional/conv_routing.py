@@ -72,8 +72,8 @@ def route_votes(
         votes: (..., I, J, D): child i's vote for parent j, any leading dimensions (batch,
             positions), each routed independently.
         bias, iterations, detach_routing, leaky: as ``fastcaps.dynamic_routing``.
-        backend: "auto" (the C++ kernels on CPU, the ``torch`` kernel on CUDA), "cpu",
-            "torch" or "reference"; "triton" has no votes kernel yet.
+        backend: "auto" (the C++ kernels on CPU, the Triton kernels on CUDA), "cpu",
+            "triton", "torch" or "reference".
 
     Returns:
         v: (..., J, D) in votes' dtype.
