@@ -38,10 +38,11 @@ FASTCAPS_INLINE void with_gradient_terms(int64_t n, const F& f) {
 
 // g[k] = sum over the terms q (iterations state.first + q, in order) of
 //   c_q[j] sigma_q[k], plus delta_q[j] V_q[k] for q > 0,
-// with k = j*D + d, iteration t's c and delta at c[t * stride + j] and lg[t * stride + j]. N terms, or (N = 0) iterations - first of them: the per-iteration pointers
-// and, per output capsule j, the couplings and logit gradients are taken once, out of the
-// loop over d (a loop over t inside it reloaded them for every output, and its dependent
-// adds and branches made it 30% of phase B: perf on AVX2, Zen 3).
+// with k = j*D + d, iteration t's c and delta at c[t * stride + j] and lg[t * stride + j].
+// N terms, or (N = 0) iterations - first of them: the per-iteration pointers and, per output
+// capsule j, the couplings and logit gradients are taken once, out of the loop over d (a loop
+// over t inside it reloaded them for every output, and its dependent adds and branches made
+// it 30% of phase B: perf on AVX2, Zen 3).
 template <typename T, int64_t N>
 FASTCAPS_INLINE void sum_gradient_terms(const BackwardState<T>& state, int64_t b, const Vec<T>* c, const Vec<T>* lg,
                                         int64_t stride, int64_t J, int64_t D, Vec<T>* g) {
