@@ -47,13 +47,19 @@ struct Scratch {
         row_grad(kSampleTile * p.jd), weight(kChunkBlocks * p.block_size()), weight_grad(p.block_size()),
         input_grad(kSampleTile * p.d.in_dim) {}
 
-  // W of blocks [first, last): the shared packed copy if there is one, else packed here.
+  // W of blocks [first, last): the shared packed copy if there is one, else packed here;
+  // null for route_votes (no W).
   const Vec<T>* packed_weight(const Packed<T>& p, int64_t first, int64_t last) {
+    if (p.votes != nullptr) return nullptr;
     if (p.packed_weight.size() > 0) return p.packed_weight.data() + first * p.block_size();
     TORCH_INTERNAL_ASSERT(last - first <= kChunkBlocks);
     for (int64_t blk = first; blk < last; ++blk)
       pack_weight_block(p.d, p.offset.data(), p.weight, blk, weight.data() + (blk - first) * p.block_size());
     return weight.data();
+  }
+  // W of chunk `chunk`'s blocks, as packed_weight gives it.
+  const Vec<T>* chunk_weight(const Packed<T>& p, int64_t chunk) {
+    return packed_weight(p, chunk * kChunkBlocks, std::min(p.blocks, (chunk + 1) * kChunkBlocks));
   }
 };
 
@@ -171,6 +177,12 @@ FASTCAPS_INLINE void logit_gradients_from_gammas(const Vec<T>* c, int64_t J, Vec
   for (int64_t j = 0; j < J; ++j) delta[j] = c[j] * (delta[j] - mean);
 }
 
+// The first iteration's couplings, before any agreement: 1/J, or 1/(J+1) with leaky.
+template <typename T>
+FASTCAPS_INLINE Vec<T> uniform_coupling(int64_t J, bool leaky) {
+  return Vec<T>{} + T(1) / T(J + leaky);
+}
+
 // c[n][j] = softmax_j(uh[n]_j . v_sum_j) lane-wise for N blocks of one sample; uniform 1/J
 // (1/(J+1) with leaky) when v_sum is null (first pass).
 template <typename T, int64_t N = 1>
@@ -178,7 +190,7 @@ FASTCAPS_INLINE void couplings(const Vec<T>* const* uh, const T* v_sum, int64_t 
                                Vec<T>* const* c) {
   if (v_sum == nullptr) {
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t j = 0; j < J; ++j) c[n][j] = Vec<T>{} + T(1) / T(J + leaky);
+      for (int64_t j = 0; j < J; ++j) c[n][j] = uniform_coupling<T>(J, leaky);
     return;
   }
   capsule_dots<T, 1, N>(uh, &v_sum, J, D, c);
@@ -330,16 +342,16 @@ void sweep_chunk(const Packed<T>& p, const Tile<T>& tile, const Vec<T>* chunk_we
 // together chunk by chunk: sample s's u_hat at uh + s * blocks * jd, its chunk partials at
 // partials + s * chunks * jd, finish(b, k, partials) after each pass. The many-samples unit of
 // run_passes, and the votes backward's per-sample phase A (votes.h).
-template <typename T, typename PassOf, typename Finish, typename ChunkWeight>
+template <typename T, typename PassOf, typename Finish>
 void tile_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const Finish& finish, int64_t b0, int64_t n,
-                 Vec<T>* uh, T* partials, const ChunkWeight& chunk_weight, Scratch<T>& scratch) {
+                 Vec<T>* uh, T* partials, Scratch<T>& scratch) {
   const int64_t per_sample = p.blocks * p.jd, partials_per_sample = p.chunks * p.jd;
   for (int64_t k = 0; k < steps; ++k) {
     for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
       Tile<T> tile;
       for (int64_t s = 0; s < n; ++s)
         tile.add(pass_of(b0 + s, k, chunk), uh + s * per_sample, partials + s * partials_per_sample + chunk * p.jd);
-      sweep_chunk(p, tile, tile.pass[0].predict ? chunk_weight(scratch, chunk) : nullptr, scratch);
+      sweep_chunk(p, tile, tile.pass[0].predict ? scratch.chunk_weight(p, chunk) : nullptr, scratch);
     }
     for (int64_t s = 0; s < n; ++s) finish(b0 + s, k, partials + s * partials_per_sample);
   }
@@ -359,10 +371,6 @@ template <typename T, typename PassOf, typename Finish>
 void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const Finish& finish, Vec<T>* kept_u_hat) {
   const int64_t per_sample = p.blocks * p.jd, partials_per_sample = p.chunks * p.jd, B = p.d.batch;
   if (steps == 0 || B == 0) return;
-  const auto chunk_weight = [&](Scratch<T>& scratch, int64_t chunk) -> const Vec<T>* {
-    if (p.votes != nullptr) return nullptr;  // route_votes: no W
-    return scratch.packed_weight(p, chunk * kChunkBlocks, std::min(p.blocks, (chunk + 1) * kChunkBlocks));
-  };
   if (p.parallel_samples) {
     // Tiles share each read of a chunk's W; votes have no W to share, and one sample's u_hat
     // alone stays nearer the core (L2) across the passes.
@@ -379,7 +387,7 @@ void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const 
     parallel_items((B + tile_size - 1) / tile_size, make_state, [&](int64_t tile_index, ThreadState& state) {
       const int64_t b0 = tile_index * tile_size, n = std::min(tile_size, B - b0);
       Vec<T>* uh = kept_u_hat == nullptr ? state.uh.data() : kept_u_hat + b0 * per_sample;
-      tile_passes(p, steps, pass_of, finish, b0, n, uh, state.partials.data(), chunk_weight, state.scratch);
+      tile_passes(p, steps, pass_of, finish, b0, n, uh, state.partials.data(), state.scratch);
     });
     return;
   }
@@ -396,7 +404,8 @@ void run_passes(const Packed<T>& p, int64_t steps, const PassOf& pass_of, const 
       at::parallel_for(0, p.chunks, 1, [&](int64_t begin, int64_t end) {
         Scratch<T> scratch(p);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
-          const Vec<T>* weight = pass_of(start, k, chunk).predict && !from_rows ? chunk_weight(scratch, chunk) : nullptr;
+          const bool packs = pass_of(start, k, chunk).predict && !from_rows;
+          const Vec<T>* weight = packs ? scratch.chunk_weight(p, chunk) : nullptr;
           for (int64_t b0 = 0; b0 < size; b0 += kSampleTile) {
             Tile<T> tile;
             for (int64_t b = b0; b < std::min(size, b0 + kSampleTile); ++b)

@@ -59,12 +59,11 @@ void votes_backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, 
     const int64_t kept = steps > 0 ? r * per_iteration : 0;
     RowState row{LaneArray<T>(steps > 0 ? p.blocks * jd : jd), LaneArray<T>(kept), LaneArray<T>(kept),
                  std::vector<T>(p.chunks * jd), Scratch<T>(p)};
-    // Iteration 0's couplings, as couplings() forms them: uniform (no pass computes them).
+    // Iteration 0's couplings: uniform, as couplings() forms them (no pass computes them).
     std::fill(row.couplings.data(), row.couplings.data() + (steps > 0 ? per_iteration : 0),
-              Vec<T>{} + T(1) / T(J + p.d.leaky));
+              uniform_coupling<T>(J, p.d.leaky));
     return row;
   };
-  const auto no_weight = [](Scratch<T>&, int64_t) -> const Vec<T>* { return nullptr; };
   parallel_items(p.d.batch, make_state, [&](int64_t b, RowState& row) {
     Vec<T>* uh = row.uh.data();
     const auto pass_of = [&](int64_t sample, int64_t k, int64_t chunk) {
@@ -75,7 +74,7 @@ void votes_backward_kernel(const Packed<T>& p, const T* grad_v, const T* s_all, 
       return pass;
     };
     const auto finish = [&](int64_t sample, int64_t k, const T* partials) { phase_a.finish(sample, k, partials); };
-    tile_passes(p, steps, pass_of, finish, b, 1, uh, row.partials.data(), no_weight, row.scratch);
+    tile_passes(p, steps, pass_of, finish, b, 1, uh, row.partials.data(), row.scratch);
     Vec<T>* g = row.scratch.row_grad.data();
     for (int64_t blk = 0; blk < p.blocks; ++blk) {
       if (steps > 0) {
