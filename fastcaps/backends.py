@@ -226,7 +226,7 @@ _KERNEL_FILES = frozenset((path.parent.name, path.stem)
 def resolve_backend(backend: str, device: torch.device, op: str = "dynamic_routing",
                     where: Optional[str] = None) -> str:
     """The concrete backend for a call of ``op`` on ``device``: "auto" resolved, a forced one
-    checked. "auto" passes over the backends that have no kernel for ``op`` (the C++ and Triton
+    checked. "auto" passes over the backends that have no kernel for ``op`` (the Triton
     kernels have none for em_routing) and takes the reference when none has; naming one of
     them is an error that says so, never a fallback."""
     if not isinstance(backend, str):

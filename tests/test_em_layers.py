@@ -126,12 +126,11 @@ def test_functional_forms_match_the_reference_and_half_inputs_compute_in_float32
     assert mu.shape == (2, 3, 4, 16) and a.shape == (2, 3, 4)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_backends_without_an_em_kernel_say_so(backend):
+def test_backends_without_an_em_kernel_say_so():
     poses, activations = grid_inputs(4)
-    layer = fastcaps.ConvMatCaps2d(3, 2, backend=backend)
-    with pytest.raises(ValueError, match=f"conv_em_routing: backend={backend!r} has no kernel for em_routing yet; "
-                                         "expected one of 'reference', 'torch'"):
+    layer = fastcaps.ConvMatCaps2d(3, 2, backend="triton")
+    with pytest.raises(ValueError, match="conv_em_routing: backend='triton' has no kernel for em_routing yet; "
+                                         "expected one of 'reference', 'torch', 'cpu'"):
         layer(poses, activations)
 
 

@@ -38,6 +38,7 @@
 // one thread that owns a block, so results are bitwise identical for any thread count.
 
 #include "../common/builds.h"
+#include "../common/isa.h"
 
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -75,9 +76,8 @@ FASTCAPS_DECLARE_BUILD(baseline)
 
 namespace {
 
+// This op's entry points of one instruction-set build.
 struct Build {
-  const char* name;
-  bool (*runs_here)();
   decltype(&baseline::routing_cpu_forward) forward;
   decltype(&baseline::routing_cpu_backward) backward;
   decltype(&baseline::kept_layout) kept_layout;
@@ -85,49 +85,27 @@ struct Build {
   decltype(&baseline::votes_cpu_backward) votes_backward;
 };
 
-// Widest first: the default is the first one the CPU runs.
+// In the order of isa_builds() (common/isa.h): widest first.
 const std::vector<Build>& builds() {
   static const std::vector<Build> all = {
 #if defined(FASTCAPS_X86_BUILDS)
-      {"avx512", [] { return __builtin_cpu_supports("x86-64-v4") > 0; }, &avx512::routing_cpu_forward,
-       &avx512::routing_cpu_backward, &avx512::kept_layout, &avx512::votes_cpu_forward, &avx512::votes_cpu_backward},
-      {"avx2", [] { return __builtin_cpu_supports("x86-64-v3") > 0; }, &avx2::routing_cpu_forward,
-       &avx2::routing_cpu_backward, &avx2::kept_layout, &avx2::votes_cpu_forward, &avx2::votes_cpu_backward},
+      {&avx512::routing_cpu_forward, &avx512::routing_cpu_backward, &avx512::kept_layout, &avx512::votes_cpu_forward,
+       &avx512::votes_cpu_backward},
+      {&avx2::routing_cpu_forward, &avx2::routing_cpu_backward, &avx2::kept_layout, &avx2::votes_cpu_forward,
+       &avx2::votes_cpu_backward},
 #endif
-      {"baseline", [] { return true; }, &baseline::routing_cpu_forward, &baseline::routing_cpu_backward,
-       &baseline::kept_layout, &baseline::votes_cpu_forward, &baseline::votes_cpu_backward},
+      {&baseline::routing_cpu_forward, &baseline::routing_cpu_backward, &baseline::kept_layout,
+       &baseline::votes_cpu_forward, &baseline::votes_cpu_backward},
   };
+  TORCH_INTERNAL_ASSERT(all.size() == isa_builds().size());
   return all;
 }
 
-std::string names_of_builds() {
-  std::string names;
-  for (const Build& build : builds()) names += (names.empty() ? "" : ", ") + std::string(build.name);
-  return names;
-}
-
-// The build every call runs: FASTCAPS_CPU_ISA's if set, else the widest the CPU runs; chosen
-// on the first call and kept for the process, so that a forward and its backward agree on the
-// layout of the kept u_hat. A forced build the CPU cannot run is an error, not a fallback.
+// The build every call runs (common/isa.h: FASTCAPS_CPU_ISA's, else the widest the CPU runs),
+// chosen on the first call and kept for the process, so that a forward and its backward agree
+// on the layout of the kept u_hat. A forced build the CPU cannot run is an error, not a fallback.
 const Build& chosen() {
-  static const Build* build = [] {
-    const char* forced = std::getenv("FASTCAPS_CPU_ISA");
-    if (forced == nullptr || *forced == '\0') {
-      for (const Build& candidate : builds())
-        if (candidate.runs_here()) return &candidate;
-    }
-    for (const Build& candidate : builds()) {
-      if (forced == std::string(candidate.name)) {
-        TORCH_CHECK(candidate.runs_here(), "FASTCAPS_CPU_ISA=", forced, ": this CPU cannot run the ", forced,
-                    " build of fastcaps' C++ kernels");
-        return &candidate;
-      }
-    }
-    TORCH_CHECK(false, "FASTCAPS_CPU_ISA=", forced, " is not a build of fastcaps' C++ kernels; expected one of ",
-                names_of_builds());
-    return static_cast<const Build*>(nullptr);
-  }();
-  return *build;
+  return builds()[chosen_isa_index()];
 }
 
 std::tuple<at::Tensor, at::Tensor> routing_cpu_forward(const at::Tensor& u, const at::Tensor& weight,
@@ -161,12 +139,12 @@ std::tuple<int64_t, int64_t> routing_cpu_kept_layout(c10::ScalarType dtype) {
 }
 
 std::string routing_cpu_isa() {
-  return chosen().name;
+  return chosen_isa();
 }
 
 std::vector<std::string> routing_cpu_isas() {
   std::vector<std::string> runnable;
-  for (const Build& build : builds())
+  for (const IsaBuild& build : isa_builds())
     if (build.runs_here()) runnable.push_back(build.name);
   return runnable;
 }

@@ -136,6 +136,46 @@ class EMLayer:
         return rows.view(-1, self.windows, *rows.shape[1:])
 
 
+def outputs(layer: EMLayer, mu_rows: List[Tensor], log_a_rows: List[Tensor], batch: int, dtype: torch.dtype):
+    """The op's (poses_out, activations_out) from every chunk's mu (windows, J, P * P or P, P)
+    and log a (windows, J), in ``dtype``."""
+    mu = torch.cat(mu_rows).view(-1, layer.out_caps, layer.side, layer.side)
+    return (layer.shaped(mu, batch).contiguous().to(dtype),
+            layer.shaped(torch.cat(log_a_rows).exp(), batch).contiguous().to(dtype))
+
+
+def cotangent_rows(layer: EMLayer, grad_poses_out: Tensor, grad_acts_out: Tensor, dtype: torch.dtype):
+    """The cotangents of the outputs per window: of mu (windows, J, P * P) and of a (windows, J)."""
+    grad_mu = layer.rows(grad_poses_out.to(dtype)).reshape(-1, layer.out_caps, layer.entries)
+    return grad_mu, layer.rows(grad_acts_out.to(dtype)[:, :, None]).reshape(-1, layer.out_caps)
+
+
+class Gradients:
+    """A backward's results, filled chunk by chunk: grad poses and activations of each chunk of
+    samples scattered back to their layout, grad W (per child slot) and grad beta summed in
+    chunk order; ``result`` gives them in the inputs' dtypes and W's layout."""
+
+    def __init__(self, layer: EMLayer, poses: Tensor, activations: Tensor, child_weight: Tensor, beta_u: Tensor,
+                 beta_a: Tensor):
+        self.layer = layer
+        self.poses, self.activations = torch.empty_like(poses), torch.empty_like(activations)
+        self.child_weight = torch.zeros_like(child_weight)
+        self.beta_u, self.beta_a = torch.zeros_like(beta_u), torch.zeros_like(beta_a)
+
+    def add(self, rows: slice, grad_m: Tensor, grad_a: Tensor, grad_child_weight: Tensor, grad_beta_u: Tensor,
+            grad_beta_a: Tensor) -> None:
+        """A chunk's: grad_m (windows, C, P, P) and grad_a (windows, C) of the gathered children."""
+        self.poses[rows], self.activations[rows] = self.layer.scatter(grad_m, grad_a, rows.stop - rows.start)
+        self.child_weight += grad_child_weight
+        self.beta_u += grad_beta_u
+        self.beta_a += grad_beta_a
+
+    def result(self, poses: Tensor, activations: Tensor, weight: Tensor, beta_u: Tensor, beta_a: Tensor):
+        return (self.poses.to(poses.dtype), self.activations.to(activations.dtype),
+                self.layer.weight_gradient(self.child_weight, weight.shape).to(weight.dtype),
+                self.beta_u.to(beta_u.dtype), self.beta_a.to(beta_a.dtype))
+
+
 def votes(m: Tensor, child_weight: Tensor, offsets: Optional[Tensor]) -> Tensor:
     """V (n, C, J, P * P) = M @ W (+ offsets)."""
     v = torch.einsum("ncab,jcbd->ncjad", m, child_weight)

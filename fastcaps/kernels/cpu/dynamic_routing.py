@@ -32,6 +32,14 @@ SCHEMAS = (
     "votes_cpu_forward(Tensor votes, Tensor bias, int iterations, bool leaky) -> (Tensor, Tensor)",
     "votes_cpu_backward(Tensor grad_v, Tensor votes, Tensor s, int iterations, bool detach_routing, bool leaky) "
     "-> (Tensor, Tensor)",
+    # EM routing's kernels (em_routing.py, csrc/em_routing/): the children of N windows gathered
+    "em_cpu_forward(Tensor poses, Tensor activations, Tensor weight, Tensor offsets, Tensor beta_u, Tensor beta_a, "
+    "float[] lambdas, int per_sample, Tensor child_index, int child_count, float eps, float variance_floor) "
+    "-> (Tensor, Tensor, Tensor)",
+    "em_cpu_backward(Tensor grad_mu, Tensor grad_a, Tensor poses, Tensor activations, Tensor weight, Tensor offsets, "
+    "Tensor beta_u, Tensor beta_a, Tensor state, float[] lambdas, int per_sample, Tensor child_index, "
+    "int child_count, bool detach_routing, float eps, float variance_floor) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 
 

@@ -107,7 +107,7 @@ def problem() -> Optional[str]:
 
 
 _CPU_KERNELS = ("fastcaps::routing_cpu_forward", "fastcaps::routing_cpu_backward", "fastcaps::votes_cpu_forward",
-                "fastcaps::votes_cpu_backward")
+                "fastcaps::votes_cpu_backward", "fastcaps::em_cpu_forward", "fastcaps::em_cpu_backward")
 _isa: Optional[str] = None
 # Operators the extension defines in C++ (no dispatch key): a build from older sources lacks them.
 _CPU_QUERIES = ("_routing_cpu_kept_layout", "_routing_cpu_isa", "_routing_cpu_isas")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import compute_dtype
-from ..em_layer import EMKernels, EMLayer, Options, votes
+from ..em_layer import EMKernels, EMLayer, Gradients, Options, cotangent_rows, outputs, votes
 
 
 class Routing:
@@ -194,11 +194,7 @@ def em_forward(poses, activations, weight, beta_u, beta_a, lambdas, options: Opt
         per_window = [s.reshape(windows, layer.out_caps, -1) for s in chunk_states]
         states.append(torch.stack(per_window, dim=1) if per_window
                       else mu.new_empty(windows, 0, layer.out_caps, 2 * layer.entries + 1))
-    batch = poses.shape[0]
-    mu = torch.cat(mus).view(-1, layer.out_caps, layer.side, layer.side)
-    out_poses = layer.shaped(mu, batch).contiguous().to(poses.dtype)
-    out_acts = layer.shaped(torch.cat(log_as).exp(), batch).contiguous().to(poses.dtype)
-    return out_poses, out_acts, torch.cat(states)
+    return (*outputs(layer, mus, log_as, poses.shape[0], poses.dtype), torch.cat(states))
 
 
 def em_backward(grad_poses_out, grad_acts_out, poses, activations, weight, beta_u, beta_a, state, lambdas,
@@ -209,13 +205,9 @@ def em_backward(grad_poses_out, grad_acts_out, poses, activations, weight, beta_
     layer = EMLayer(poses.shape, weight.shape, options)
     routing = Routing(layer, beta_u_c, beta_a_c, lambdas, options)
     child_weight, offsets = layer.child_weight(weight_c), layer.offsets(dtype, poses.device)
-    grad_mu_rows = layer.rows(grad_poses_out.to(dtype)).reshape(-1, layer.out_caps, layer.entries)
-    grad_a_rows = layer.rows(grad_acts_out.to(dtype)[:, :, None]).reshape(-1, layer.out_caps)
-    grad_poses, grad_acts = torch.empty_like(poses_c), torch.empty_like(acts_c)
-    grad_child_weight = torch.zeros_like(child_weight)
-    grad_beta_u, grad_beta_a = torch.zeros_like(beta_u_c), torch.zeros_like(beta_a_c)
+    grad_mu_rows, grad_a_rows = cotangent_rows(layer, grad_poses_out, grad_acts_out, dtype)
+    gradients = Gradients(layer, poses_c, acts_c, child_weight, beta_u_c, beta_a_c)
     for rows in layer.chunks():
-        count = rows.stop - rows.start
         windows = slice(rows.start * layer.windows, rows.stop * layer.windows)
         m, a_in = layer.gather(poses_c[rows], acts_c[rows])
         v = votes(m, child_weight, offsets)
@@ -228,13 +220,9 @@ def em_backward(grad_poses_out, grad_acts_out, poses, activations, weight, beta_
         grad_v = grad_v.reshape(-1, layer.children, layer.out_caps, layer.side, layer.side)
         # V = M W: grad M = grad V W^T, grad W = M^T grad V (offsets are constants).
         grad_m = torch.einsum("ncjad,jcbd->ncab", grad_v, child_weight)
-        grad_child_weight += torch.einsum("ncab,ncjad->jcbd", m, grad_v)
-        grad_poses[rows], grad_acts[rows] = layer.scatter(grad_m, grad_a_in.reshape(-1, layer.children), count)
-        grad_beta_u += g_bu
-        grad_beta_a += g_ba
-    return (grad_poses.to(poses.dtype), grad_acts.to(activations.dtype),
-            layer.weight_gradient(grad_child_weight, weight.shape).to(weight.dtype), grad_beta_u.to(beta_u.dtype),
-            grad_beta_a.to(beta_a.dtype))
+        gradients.add(rows, grad_m, grad_a_in.reshape(-1, layer.children), torch.einsum("ncab,ncjad->jcbd", m, grad_v),
+                      g_bu, g_ba)
+    return gradients.result(poses, activations, weight, beta_u, beta_a)
 
 
 KERNELS = EMKernels(em_forward, em_backward)
