@@ -215,3 +215,19 @@ def test_compiled_matrix_capsnet_matches_eager_on_the_kernel(backend):
     for (name, _), g, h, want in zip(model.named_parameters(), grads, grads_eager, grads64):
         eager_error = check.normwise_error(h.double(), want)
         assert check.normwise_error(g.double(), want) <= max(1e-4, 2 * eager_error), name
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+def test_cpu_kernels_take_every_pose_side_they_are_compiled_for():
+    """The C++ kernels are compiled for poses of side 1 to 8 (P^2 lanes padded to a power of two:
+    1, 4, 9, 25, 64 entries in 2, 4, 16, 32, 64 lanes); a larger side is an error naming it."""
+    from fastcaps.cases import EMShape
+    cases = [check_em.EMCase(EMShape(2, 2, 3, (4, 4), side, (2, 2), (2, 1)), 2, False) for side in (1, 2, 3, 5, 8)]
+    cases.append(check_em.EMCase(EMShape(2, 3, 2, (2, 2), 5, coordinate_addition=True), 3, False))
+    rows = check_em.run_em(["cpu"], [torch.float64, torch.float32], cases)
+    failed = [(str(r.case.shape), r.dtype, r.errors) for r in rows if not r.passed]
+    assert len(rows) == 12 and not failed, failed
+    poses = torch.randn(1, 1, 9, 9, 3, 3)
+    with pytest.raises(RuntimeError, match="em_cpu: the C\\+\\+ kernels take poses of side 1 to 8, got 9"):
+        fastcaps.conv_em_routing(poses, torch.rand(1, 1, 3, 3), torch.randn(2, 1, 3, 3, 9, 9), torch.zeros(2),
+                                 torch.zeros(2), 2, backend="cpu")

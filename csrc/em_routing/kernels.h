@@ -29,9 +29,13 @@
 
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 FASTCAPS_KERNELS_BEGIN
+
+// The largest pose side the kernels are compiled for (P^2 = 64 lanes).
+constexpr int64_t kLargestSide = 8;
 
 struct EMArgs {
   int64_t windows, children, out_caps, side, iterations, per_sample;
@@ -43,6 +47,8 @@ EMArgs em_args(const at::Tensor& poses, const at::Tensor& activations, const at:
   TORCH_CHECK(poses.dim() == 4 && poses.size(2) == poses.size(3),
               "em_cpu: poses must be (windows, children, P, P), got ", poses.sizes());
   const int64_t N = poses.size(0), C = poses.size(1), P = poses.size(2);
+  TORCH_CHECK(P >= 1 && P <= kLargestSide, "em_cpu: the C++ kernels take poses of side 1 to ", kLargestSide,
+              ", got ", P, "; use backend='torch' for larger poses");
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == C && weight.size(2) == P && weight.size(3) == P,
               "em_cpu: weight must be (out_caps, ", C, ", ", P, ", ", P, "), got ", weight.sizes());
   const int64_t J = weight.size(0);
@@ -77,39 +83,31 @@ EMOptions<T> em_options(c10::ArrayRef<double> lambdas, double eps, double varian
   return options;
 }
 
-// W_jc[b, d] at [j][c][b][a * P + d] for every a: each row b of W repeated P times, so that a
-// vote is P multiply-adds of H-long rows (EMWindow::form_votes).
-template <typename T>
-std::vector<T> weight_by_row(const T* weight, int64_t rows, int64_t P) {
-  const int64_t H = P * P;
-  std::vector<T> out(rows * P * H);
-  for (int64_t k = 0; k < rows; ++k)
-    for (int64_t b = 0; b < P; ++b)
-      for (int64_t a = 0; a < P; ++a)
-        for (int64_t d = 0; d < P; ++d) out[(k * P + b) * H + a * P + d] = weight[k * H + b * P + d];
-  return out;
+// run(call) with the call's kernels compiled for its pose side P (1 .. kLargestSide).
+template <typename T, typename Run, std::size_t... sides>
+void with_call(const EMArgs& args, const EMOptions<T>& options, const at::Tensor& poses, const at::Tensor& activations,
+               const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& beta_u,
+               const at::Tensor& beta_a, const at::Tensor& child_index, int64_t child_count, const Run& run,
+               std::index_sequence<sides...>) {
+  const EMShape shape{args.windows, args.per_sample, args.children, args.out_caps, args.iterations};
+  auto make = [&](auto side_constant) {
+    constexpr int64_t P = decltype(side_constant)::value;
+    if (args.side != P) return;
+    EMWindow<T, P> window{shape, options, weight.const_data_ptr<T>(),
+                          offsets.numel() ? offsets.const_data_ptr<T>() : nullptr, beta_u.const_data_ptr<T>(),
+                          beta_a.const_data_ptr<T>()};
+    run(EMCall<T, P>{window, poses.const_data_ptr<T>(), activations.const_data_ptr<T>(),
+                     child_index.numel() ? child_index.const_data_ptr<int64_t>() : nullptr, child_count});
+  };
+  (make(std::integral_constant<int64_t, int64_t(sides) + 1>{}), ...);
 }
 
-// run(call) with the call's kernels specialised for P = 4 (the paper's poses) or for any P.
 template <typename T, typename Run>
 void with_call(const EMArgs& args, const EMOptions<T>& options, const at::Tensor& poses, const at::Tensor& activations,
                const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& beta_u,
                const at::Tensor& beta_a, const at::Tensor& child_index, int64_t child_count, const Run& run) {
-  const std::vector<T> rows = weight_by_row(weight.const_data_ptr<T>(), args.out_caps * args.children, args.side);
-  auto make = [&](auto side_constant) {
-    constexpr int64_t kSide = decltype(side_constant)::value;
-    EMShape<kSide> shape{args.windows, args.per_sample, args.children, args.out_caps, args.side, args.iterations};
-    EMWindow<T, kSide> window{shape, options, rows.data(), offsets.numel() ? offsets.const_data_ptr<T>() : nullptr,
-                              beta_u.const_data_ptr<T>(), beta_a.const_data_ptr<T>()};
-    EMCall<T, kSide> call{window, poses.const_data_ptr<T>(), activations.const_data_ptr<T>(),
-                          weight.const_data_ptr<T>(),
-                          child_index.numel() ? child_index.const_data_ptr<int64_t>() : nullptr, child_count};
-    run(call);
-  };
-  if (args.side == 4)
-    make(std::integral_constant<int64_t, 4>{});
-  else
-    make(std::integral_constant<int64_t, 0>{});
+  with_call(args, options, poses, activations, weight, offsets, beta_u, beta_a, child_index, child_count, run,
+            std::make_index_sequence<kLargestSide>{});
 }
 
 FASTCAPS_KERNELS_END

@@ -6,14 +6,15 @@
 // each form the votes once per window.
 //
 // per_child: a child's responsibilities are normalised over every slot that holds it, in all
-// the windows of its sample, so each iteration is a sweep over the windows and the sums across
-// windows are taken between sweeps (`group_normalisers`, `group_totals`: per sample, slots in
-// order). Forward: one sweep per iteration, which forms the votes, takes R from the logits the
-// sweep before stored and the normalisers between them, runs the M-step, and stores the next
-// logits; so the votes are formed once per iteration (r times, against once per window), and the
-// logits (C x J per window) wait in memory between sweeps. Backward: a sweep for the last
-// iteration's logits, then per iteration t a sweep for the M-step and its adjoint and, for t > 0,
-// one for the E-step's adjoint (which also makes the logits of t - 1): 2r votes formations.
+// the windows of its sample, so the sums across windows are taken between sweeps over the
+// windows (`group_normalisers`, `group_totals`: per sample, slots in order). Forward: one sweep
+// per iteration; it forms the votes, takes R from the logits the sweep before left (C x J per
+// window) and the normalisers summed between, runs the M-step and leaves the next logits. The
+// backward first takes every iteration's normalisers from the saved states (one sweep), then one
+// sweep for the last M-step and its adjoint, and one per earlier iteration t for the adjoint of
+// the E-step of t + 1 followed by the M-step of t and its adjoint (the E-step adjoint needs the
+// children's totals of grad R R, summed between sweeps). So the votes are formed r times in the
+// forward and r + 1 times in the backward, against once each per window.
 //
 // Determinism: every window is computed by one thread in a fixed order. grad W and grad beta
 // are summed per stripe (a fixed range of windows, kStripes of them whatever the thread
@@ -36,23 +37,26 @@ FASTCAPS_KERNELS_BEGIN
 // tasks for the threads of a CPU, few enough that their partial grad W stay small.
 constexpr int64_t kStripes = 16;
 
-// A call: the per-window steps, the gathered inputs, and the per-child map.
-template <typename T, int64_t kSide>
+// A call: the per-window steps, the gathered inputs, the saved states and the per-child map.
+template <typename T, int64_t P>
 struct EMCall {
-  EMWindow<T, kSide> window;
-  const T* poses;               // (N, C, P, P): each window's child poses
-  const T* activations;         // (N, C)
-  const T* weight;              // (J, C, P, P)
-  const int64_t* child_index;   // (per_sample, C): which child fills each slot; null per window
-  int64_t child_count;          // distinct children of a sample (padding's index included)
+  static constexpr int64_t H = P * P;
+  EMWindow<T, P> window;
+  const T* poses;              // (N, C, P, P): each window's child poses
+  const T* activations;        // (N, C)
+  const int64_t* child_index;  // (per_sample, C): which child fills each slot; null per window
+  int64_t child_count;         // distinct children of a sample (padding's index included)
 
-  const EMShape<kSide>& shape() const { return window.shape; }
+  const EMShape& shape() const { return window.shape; }
   bool per_child() const { return child_index != nullptr; }
+  int64_t N() const { return shape().windows; }
   int64_t C() const { return shape().children; }
   int64_t J() const { return shape().out_caps; }
-  int64_t H() const { return shape().entries(); }
-  const T* poses_of(int64_t w) const { return poses + w * C() * H(); }
+  int64_t last() const { return shape().iterations - 1; }
+  const T* poses_of(int64_t w) const { return poses + w * C() * H; }
   const T* activations_of(int64_t w) const { return activations + w * C(); }
+  // The row of `state` (N, r - 1, J, 2H + 1) holding iteration t's parents at window w.
+  int64_t state_row(int64_t w, int64_t t) const { return (w * last() + t) * J() * (2 * H + 1); }
 
   // R entering the first M-step at window w: 1/J, or 1/(J w_i) per child, w_i the slots that
   // hold child i in its sample.
@@ -60,7 +64,7 @@ struct EMCall {
     const int64_t C = this->C(), J = this->J();
     for (int64_t c = 0; c < C; ++c) {
       const T share = per_child() ? T(1) / (slot_counts[(w % shape().per_sample) * C + c] * T(J)) : T(1) / T(J);
-      for (int64_t j = 0; j < J; ++j) R[c * J + j] = share;
+      std::fill(R + c * J, R + (c + 1) * J, share);
     }
   }
 
@@ -76,10 +80,10 @@ struct EMCall {
     return counts;
   }
 
-  // Per sample, each slot's log-normaliser from the slots' own (in place): the logsumexp over
-  // every slot of the same child, shifted by that child's largest.
+  // Per sample, each slot's log-normaliser from the slots' own (in place, `normaliser` N x C):
+  // the logsumexp over every slot of the same child, shifted by that child's largest.
   void group_normalisers(T* normaliser) const {
-    const int64_t slots = shape().per_sample * C(), samples = shape().windows / shape().per_sample;
+    const int64_t slots = shape().per_sample * C(), samples = N() / shape().per_sample;
     parallel_items(samples, [&] { return std::vector<T>(2 * child_count); }, [&](int64_t sample, std::vector<T>& acc) {
       T* n = normaliser + sample * slots;
       T* largest = acc.data();
@@ -94,7 +98,7 @@ struct EMCall {
 
   // Per sample, each slot's total replaced by the sum over every slot of the same child.
   void group_totals(T* totals) const {
-    const int64_t slots = shape().per_sample * C(), samples = shape().windows / shape().per_sample;
+    const int64_t slots = shape().per_sample * C(), samples = N() / shape().per_sample;
     parallel_items(samples, [&] { return std::vector<T>(child_count); }, [&](int64_t sample, std::vector<T>& sum) {
       T* t = totals + sample * slots;
       std::fill(sum.begin(), sum.end(), T(0));
@@ -105,74 +109,49 @@ struct EMCall {
 };
 
 // One thread's buffers for a window.
-template <typename T>
+template <typename T, int64_t P>
 struct WindowScratch {
-  std::vector<T> votes, rows, logits, responsibilities, grad_votes, grad_R, normaliser, totals, terms;
-  MStep<T> step;
-  WindowScratch(int64_t children, int64_t out_caps, int64_t side, bool backward)
-      : votes(children * out_caps * side * side), rows(side * side * side), logits(children * out_caps),
-        responsibilities(children * out_caps), grad_votes(backward ? children * out_caps * side * side : 0),
-        grad_R(backward ? children * out_caps : 0), normaliser(children), totals(children), terms(side * side),
-        step(out_caps, side * side) {}
+  using vec = typename Pose<T, P>::vec;
+  Aligned<vec> votes, grad_votes;
+  std::vector<T> logits, responsibilities, grad_R, normaliser, totals, row;
+  Parents<T, P> parents;
+  MStep<T, P> step;
+  Cotangents<T, P> cotangents;
+  WindowScratch(int64_t children, int64_t out_caps, bool backward)
+      : votes(children * out_caps), grad_votes(backward ? children * out_caps : 0), logits(children * out_caps),
+        responsibilities(children * out_caps), grad_R(backward ? children * out_caps : 0), normaliser(children),
+        totals(children), row(out_caps), parents(out_caps), step(out_caps), cotangents(out_caps) {}
 };
 
-template <typename T, int64_t kSide>
-WindowScratch<T> scratch_for(const EMCall<T, kSide>& call, bool backward) {
-  return WindowScratch<T>(call.C(), call.J(), call.shape().side(), backward);
+template <typename T, int64_t P>
+WindowScratch<T, P> scratch_for(const EMCall<T, P>& call, bool backward) {
+  return WindowScratch<T, P>(call.C(), call.J(), backward);
 }
 
-// The parents' state (mu | sigma^2 | log a) of iteration t at window w, in `state` (N, r - 1, J, 2H + 1).
-template <typename T>
-struct StateView {
-  T* base;
-  int64_t per_window, out_caps, entries;
-  T* at(int64_t w, int64_t t) const { return base + w * per_window + t * out_caps * (2 * entries + 1); }
-  T* mu(int64_t w, int64_t t) const { return at(w, t); }
-  T* variance(int64_t w, int64_t t) const { return at(w, t) + out_caps * entries; }
-  T* log_a(int64_t w, int64_t t) const { return at(w, t) + 2 * out_caps * entries; }
-};
-
-template <typename T, int64_t kSide>
-StateView<T> state_view(const EMCall<T, kSide>& call, T* state) {
-  const int64_t r = call.shape().iterations;
-  return StateView<T>{state, (r - 1) * call.shape().state(), call.J(), call.H()};
-}
-
-template <typename T>
-void store_state(const MStep<T>& step, T* mu, T* variance, T* log_a) {
-  std::copy(step.mu.begin(), step.mu.end(), mu);
-  std::copy(step.variance.begin(), step.variance.end(), variance);
-  std::copy(step.log_a.begin(), step.log_a.end(), log_a);
-}
-
-// Forward: mu (N, J, H) and log a (N, J) of the last iteration, state of the others.
-template <typename T, int64_t kSide>
-void em_forward_kernel(const EMCall<T, kSide>& call, T* out_mu, T* out_log_a, T* state) {
-  const EMWindow<T, kSide>& win = call.window;
-  const int64_t N = call.shape().windows, C = call.C(), J = call.J(), H = call.H(), last = call.shape().iterations - 1;
-  const StateView<T> states = state_view(call, state);
+// Forward: mu (N, J, P, P) and log a (N, J) of the last iteration, state of the others.
+template <typename T, int64_t P>
+void em_forward_kernel(const EMCall<T, P>& call, T* out_mu, T* out_log_a, T* state) {
+  using Lanes = Pose<T, P>;
+  const EMWindow<T, P>& win = call.window;
+  const int64_t N = call.N(), C = call.C(), J = call.J(), H = Lanes::entries, last = call.last();
   const std::vector<T> counts = call.slot_counts();
-  auto finish = [&](int64_t w, int64_t t, const MStep<T>& step) {
-    if (t == last) {
-      std::copy(step.mu.begin(), step.mu.end(), out_mu + w * J * H);
-      std::copy(step.log_a.begin(), step.log_a.end(), out_log_a + w * J);
-    } else {
-      store_state(step, states.mu(w, t), states.variance(w, t), states.log_a(w, t));
-    }
+  auto finish = [&](int64_t w, int64_t t, const MStep<T, P>& step) {
+    if (t < last) return step.store(state + call.state_row(w, t), J);
+    for (int64_t j = 0; j < J; ++j) Lanes::store(out_mu + (w * J + j) * H, step.mu[j]);
+    std::copy(step.log_a.begin(), step.log_a.end(), out_log_a + w * J);
   };
   auto make_scratch = [&] { return scratch_for(call, false); };
   if (!call.per_child()) {
-    parallel_items(N, make_scratch, [&](int64_t w, WindowScratch<T>& s) {
-      win.form_votes(call.poses_of(w), s.votes.data(), s.rows.data());
+    parallel_items(N, make_scratch, [&](int64_t w, WindowScratch<T, P>& s) {
+      win.form_votes(call.poses_of(w), s.votes.data());
       call.initial(w, counts, s.responsibilities.data());
       for (int64_t t = 0; t <= last; ++t) {
         win.m_step(s.votes.data(), s.responsibilities.data(), call.activations_of(w), t, s.step);
         finish(w, t, s.step);
         if (t == last) break;
-        win.logits(s.votes.data(), s.step.mu.data(), s.step.variance.data(), s.step.log_a.data(),
-                   s.responsibilities.data(), s.terms.data());
-        win.slot_normalisers(s.responsibilities.data(), s.normaliser.data());
-        win.responsibilities(s.responsibilities.data(), s.normaliser.data());
+        win.logits(s.votes.data(), s.step, s.logits.data());
+        win.slot_normalisers(s.logits.data(), s.normaliser.data(), s.row.data());
+        win.responsibilities(s.logits.data(), s.normaliser.data(), s.responsibilities.data());
       }
     });
     return;
@@ -180,18 +159,18 @@ void em_forward_kernel(const EMCall<T, kSide>& call, T* out_mu, T* out_log_a, T*
   // Per child: the logits of the next iteration and the slots' normalisers wait between sweeps.
   std::vector<T> logits(N * C * J), normaliser(N * C);
   for (int64_t t = 0; t <= last; ++t) {
-    parallel_items(N, make_scratch, [&](int64_t w, WindowScratch<T>& s) {
-      win.form_votes(call.poses_of(w), s.votes.data(), s.rows.data());
-      T* R = logits.data() + w * C * J;  // this iteration's R replaces the logits it came from
+    parallel_items(N, make_scratch, [&](int64_t w, WindowScratch<T, P>& s) {
+      win.form_votes(call.poses_of(w), s.votes.data());
+      T* L = logits.data() + w * C * J;
       if (t == 0)
-        call.initial(w, counts, R);
+        call.initial(w, counts, s.responsibilities.data());
       else
-        win.responsibilities(R, normaliser.data() + w * C);
-      win.m_step(s.votes.data(), R, call.activations_of(w), t, s.step);
+        win.responsibilities(L, normaliser.data() + w * C, s.responsibilities.data());
+      win.m_step(s.votes.data(), s.responsibilities.data(), call.activations_of(w), t, s.step);
       finish(w, t, s.step);
       if (t == last) return;
-      win.logits(s.votes.data(), s.step.mu.data(), s.step.variance.data(), s.step.log_a.data(), R, s.terms.data());
-      win.slot_normalisers(R, normaliser.data() + w * C);
+      win.logits(s.votes.data(), s.step, L);
+      win.slot_normalisers(L, normaliser.data() + w * C, s.row.data());
     });
     if (t < last) call.group_normalisers(normaliser.data());
   }
@@ -211,7 +190,7 @@ struct StripeSums {
   T* beta_u_of(int64_t stripe) { return beta_u.data() + stripe * out_caps; }
   T* beta_a_of(int64_t stripe) { return beta_a.data() + stripe * out_caps; }
 
-  // body(w, stripe) for every window, each stripe's windows in order by one task.
+  // body(w, stripe, state) for every window, each stripe's windows in order by one task.
   template <typename MakeState, typename Body>
   void sweep(const MakeState& make_state, const Body& body) {
     parallel_items(stripes, make_state, [&](int64_t stripe, auto& state) {
@@ -241,140 +220,115 @@ struct StripeSums {
   }
 };
 
-// The cotangents of a window's (mu, sigma^2, log a) flowing back into iteration t's M-step.
-template <typename T>
-struct Cotangents {
-  std::vector<T> mu, variance, log_a;
-  Cotangents(int64_t out_caps, int64_t entries) : mu(out_caps * entries), variance(out_caps * entries), log_a(out_caps) {}
-};
-
 // Backward: grad poses (N, C, P, P) and grad activations (N, C) of the gathered children,
-// grad W (J, C, P, P), grad beta_u and beta_a (J), from the cotangents of mu (N, J, H) and of
-// a = exp(log a) (N, J).
-template <typename T, int64_t kSide>
-void em_backward_kernel(const EMCall<T, kSide>& call, const T* grad_mu, const T* grad_a, const T* state, T* grad_m,
+// grad W (J, C, P, P), grad beta_u and beta_a (J), from the cotangents of mu (N, J, P, P) and
+// of a = exp(log a) (N, J).
+template <typename T, int64_t P>
+void em_backward_kernel(const EMCall<T, P>& call, const T* grad_mu, const T* grad_a, const T* state, T* grad_m,
                         T* grad_acts, T* grad_weight, T* grad_beta_u, T* grad_beta_a) {
-  const EMWindow<T, kSide>& win = call.window;
-  const int64_t N = call.shape().windows, C = call.C(), J = call.J(), H = call.H(), last = call.shape().iterations - 1;
-  const StateView<T> states = state_view(call, const_cast<T*>(state));
+  using Lanes = Pose<T, P>;
+  const EMWindow<T, P>& win = call.window;
+  const int64_t N = call.N(), C = call.C(), J = call.J(), H = Lanes::entries, last = call.last();
   const std::vector<T> counts = call.slot_counts();
   const bool detach = win.options.detach_routing;
   StripeSums<T> sums(N, J * C * H, J);
   std::fill(grad_m, grad_m + N * C * H, T(0));
   std::fill(grad_acts, grad_acts + N * C, T(0));
 
-  // The window's cotangents entering the last M-step: of mu as given, of log a = a * g_a.
-  auto last_cotangents = [&](int64_t w, const MStep<T>& step, Cotangents<T>& g) {
-    std::copy(grad_mu + w * J * H, grad_mu + (w + 1) * J * H, g.mu.begin());
-    std::fill(g.variance.begin(), g.variance.end(), T(0));
-    for (int64_t j = 0; j < J; ++j) g.log_a[j] = grad_a[w * J + j] * std::exp(step.log_a[j]);
+  // R of iteration t at window w into s.responsibilities: the initial, or the E-step from the
+  // saved state of t - 1 with the slots' normalisers (per window: their own logsumexp).
+  auto responsibilities = [&](int64_t w, int64_t t, const T* group_normaliser, WindowScratch<T, P>& s) {
+    T* R = s.responsibilities.data();
+    if (t == 0) return call.initial(w, counts, R);
+    s.parents.load(state + call.state_row(w, t - 1), J);
+    win.logits(s.votes.data(), s.parents, s.logits.data());
+    if (group_normaliser == nullptr) {
+      win.slot_normalisers(s.logits.data(), s.normaliser.data(), s.row.data());
+      group_normaliser = s.normaliser.data();
+    }
+    win.responsibilities(s.logits.data(), group_normaliser, R);
   };
-  // The M-step of iteration t at window w on R and its adjoint; grad R into s.grad_R.
-  auto m_step_and_adjoint = [&](int64_t w, int64_t t, const T* R, Cotangents<T>& g, WindowScratch<T>& s,
-                                int64_t stripe) {
+  // The M-step of iteration t at window w on s.responsibilities and its adjoint, from the
+  // cotangents in s.cotangents (for t = last: the outputs'); grad R into s.grad_R.
+  auto m_step_and_adjoint = [&](int64_t w, int64_t t, WindowScratch<T, P>& s, int64_t stripe) {
+    const T* R = s.responsibilities.data();
     win.m_step(s.votes.data(), R, call.activations_of(w), t, s.step);
-    if (t == last) last_cotangents(w, s.step, g);
-    win.m_step_backward(s.votes.data(), R, call.activations_of(w), t, s.step, g.mu.data(), g.variance.data(),
-                        g.log_a.data(), s.grad_votes.data(), grad_acts + w * C, sums.beta_u_of(stripe),
-                        sums.beta_a_of(stripe), s.grad_R.data());
+    Cotangents<T, P>& g = s.cotangents;
+    if (t == last) {
+      for (int64_t j = 0; j < J; ++j) {
+        g.mu[j] = Lanes::load(grad_mu + (w * J + j) * H);
+        g.variance[j] = typename Lanes::vec{};
+        g.log_a[j] = grad_a[w * J + j] * std::exp(s.step.log_a[j]);
+      }
+    }
+    win.m_step_backward(s.votes.data(), R, call.activations_of(w), t, s.step, g, s.grad_votes.data(),
+                        grad_acts + w * C, sums.beta_u_of(stripe), sums.beta_a_of(stripe), s.grad_R.data());
   };
-  auto make_state = [&] { return std::make_pair(scratch_for(call, true), Cotangents<T>(J, H)); };
+  auto start_window = [&](int64_t w, WindowScratch<T, P>& s) {
+    win.form_votes(call.poses_of(w), s.votes.data());
+    std::fill(s.grad_votes.data(), s.grad_votes.data() + C * J, typename Lanes::vec{});
+  };
+  auto finish_window = [&](int64_t w, WindowScratch<T, P>& s, int64_t stripe) {
+    win.pose_and_weight_gradients(call.poses_of(w), s.grad_votes.data(), grad_m + w * C * H, sums.weight_of(stripe));
+  };
+  auto make_scratch = [&] { return scratch_for(call, true); };
 
   if (!call.per_child()) {
-    sums.sweep(make_state, [&](int64_t w, int64_t stripe, auto& state_pair) {
-      WindowScratch<T>& s = state_pair.first;
-      Cotangents<T>& g = state_pair.second;
-      win.form_votes(call.poses_of(w), s.votes.data(), s.rows.data());
-      std::fill(s.grad_votes.begin(), s.grad_votes.end(), T(0));
-      T* R = s.responsibilities.data();
+    sums.sweep(make_scratch, [&](int64_t w, int64_t stripe, WindowScratch<T, P>& s) {
+      start_window(w, s);
       for (int64_t t = last; t >= 0; --t) {
-        if (t == 0) {
-          call.initial(w, counts, R);
-        } else {
-          win.logits(s.votes.data(), states.mu(w, t - 1), states.variance(w, t - 1), states.log_a(w, t - 1), R,
-                     s.terms.data());
-          win.slot_normalisers(R, s.normaliser.data());
-          win.responsibilities(R, s.normaliser.data());
-        }
-        m_step_and_adjoint(w, t, R, g, s, stripe);
+        responsibilities(w, t, nullptr, s);
+        m_step_and_adjoint(w, t, s, stripe);
         if (t == 0 || detach) break;
-        win.slot_totals(R, s.grad_R.data(), s.totals.data());
-        win.e_step_backward(s.votes.data(), R, s.grad_R.data(), s.totals.data(), states.mu(w, t - 1),
-                            states.variance(w, t - 1), g.mu.data(), g.variance.data(), g.log_a.data(),
-                            s.grad_votes.data());
+        win.slot_totals(s.responsibilities.data(), s.grad_R.data(), s.totals.data());
+        win.e_step_backward(s.votes.data(), s.responsibilities.data(), s.grad_R.data(), s.totals.data(), s.parents,
+                            s.cotangents, s.grad_votes.data());
       }
-      win.pose_and_weight_gradients(call.poses_of(w), s.grad_votes.data(), call.weight, grad_m + w * C * H,
-                                    sums.weight_of(stripe));
+      finish_window(w, s, stripe);
     });
     sums.total(grad_weight, grad_beta_u, grad_beta_a);
     return;
   }
 
-  // Per child. Between sweeps, per window: R of iteration t, its cotangent, the logits and the
-  // slots' normalisers and totals, and the cotangents flowing back into iteration t - 1.
-  std::vector<T> responsibilities(N * C * J), grad_R(N * C * J), normaliser(N * C), totals(N * C);
-  std::vector<T> carried(N * J * (2 * H + 1));
-  auto carried_of = [&](int64_t w, Cotangents<T>& g) {
-    const T* c = carried.data() + w * J * (2 * H + 1);
-    std::copy(c, c + J * H, g.mu.begin());
-    std::copy(c + J * H, c + 2 * J * H, g.variance.begin());
-    std::copy(c + 2 * J * H, c + 2 * J * H + J, g.log_a.begin());
-  };
-  auto carry = [&](int64_t w, const Cotangents<T>& g) {
-    T* c = carried.data() + w * J * (2 * H + 1);
-    std::copy(g.mu.begin(), g.mu.end(), c);
-    std::copy(g.variance.begin(), g.variance.end(), c + J * H);
-    std::copy(g.log_a.begin(), g.log_a.end(), c + 2 * J * H);
-  };
-  // The logits of iteration t (from the state of t - 1) into `responsibilities`, and the slots'
-  // normalisers, for every window; then summed over each child's slots.
-  auto logits_sweep_body = [&](int64_t w, int64_t t, WindowScratch<T>& s) {
-    T* L = responsibilities.data() + w * C * J;
-    win.logits(s.votes.data(), states.mu(w, t - 1), states.variance(w, t - 1), states.log_a(w, t - 1), L,
-               s.terms.data());
-    win.slot_normalisers(L, normaliser.data() + w * C);
-  };
+  // Per child. normalisers[(t - 1) N C + w C + c]: slot c's normaliser of iteration t >= 1, from
+  // the saved states, summed over each child's slots once for all iterations. Between sweeps,
+  // per window: grad R of the M-step just taken, and the slots' totals of grad R R.
+  std::vector<T> normalisers(std::max<int64_t>(last, 1) * N * C), grad_R(N * C * J), totals(N * C);
+  const int64_t first_iteration = detach ? last : 1;  // with detach, only the last M-step's R is needed
   if (last > 0) {
-    parallel_items(N, [&] { return scratch_for(call, false); }, [&](int64_t w, WindowScratch<T>& s) {
-      win.form_votes(call.poses_of(w), s.votes.data(), s.rows.data());
-      logits_sweep_body(w, last, s);
+    parallel_items(N, [&] { return scratch_for(call, false); }, [&](int64_t w, WindowScratch<T, P>& s) {
+      win.form_votes(call.poses_of(w), s.votes.data());
+      for (int64_t t = first_iteration; t <= last; ++t) {
+        s.parents.load(state + call.state_row(w, t - 1), J);
+        win.logits(s.votes.data(), s.parents, s.logits.data());
+        win.slot_normalisers(s.logits.data(), normalisers.data() + ((t - 1) * N + w) * C, s.row.data());
+      }
     });
-    call.group_normalisers(normaliser.data());
+    for (int64_t t = first_iteration; t <= last; ++t) call.group_normalisers(normalisers.data() + (t - 1) * N * C);
   }
-  for (int64_t t = last; t >= 0; --t) {
-    sums.sweep(make_state, [&](int64_t w, int64_t stripe, auto& state_pair) {
-      WindowScratch<T>& s = state_pair.first;
-      Cotangents<T>& g = state_pair.second;
-      win.form_votes(call.poses_of(w), s.votes.data(), s.rows.data());
-      std::fill(s.grad_votes.begin(), s.grad_votes.end(), T(0));
-      T* R = responsibilities.data() + w * C * J;
-      if (t == 0)
-        call.initial(w, counts, R);
-      else
-        win.responsibilities(R, normaliser.data() + w * C);
-      if (t < last) carried_of(w, g);
-      m_step_and_adjoint(w, t, R, g, s, stripe);
-      std::copy(s.grad_R.begin(), s.grad_R.end(), grad_R.begin() + w * C * J);
-      win.slot_totals(R, s.grad_R.data(), totals.data() + w * C);
-      win.pose_and_weight_gradients(call.poses_of(w), s.grad_votes.data(), call.weight, grad_m + w * C * H,
-                                    sums.weight_of(stripe));
-    });
-    if (t == 0 || detach) break;
+  auto normaliser_of = [&](int64_t w, int64_t t) { return normalisers.data() + ((t - 1) * N + w) * C; };
+  // The M-step of t at window w and its adjoint; its grad R and totals kept for the E-step adjoint.
+  auto m_step_part = [&](int64_t w, int64_t t, WindowScratch<T, P>& s, int64_t stripe) {
+    responsibilities(w, t, t > 0 ? normaliser_of(w, t) : nullptr, s);
+    m_step_and_adjoint(w, t, s, stripe);
+    std::copy(s.grad_R.begin(), s.grad_R.end(), grad_R.begin() + w * C * J);
+    win.slot_totals(s.responsibilities.data(), s.grad_R.data(), totals.data() + w * C);
+  };
+  sums.sweep(make_scratch, [&](int64_t w, int64_t stripe, WindowScratch<T, P>& s) {
+    start_window(w, s);
+    m_step_part(w, last, s, stripe);
+    finish_window(w, s, stripe);
+  });
+  for (int64_t t = last; t >= 1 && !detach; --t) {
     call.group_totals(totals.data());
-    sums.sweep(make_state, [&](int64_t w, int64_t stripe, auto& state_pair) {
-      WindowScratch<T>& s = state_pair.first;
-      Cotangents<T>& g = state_pair.second;
-      win.form_votes(call.poses_of(w), s.votes.data(), s.rows.data());
-      std::fill(s.grad_votes.begin(), s.grad_votes.end(), T(0));
-      win.e_step_backward(s.votes.data(), responsibilities.data() + w * C * J, grad_R.data() + w * C * J,
-                          totals.data() + w * C, states.mu(w, t - 1), states.variance(w, t - 1), g.mu.data(),
-                          g.variance.data(), g.log_a.data(), s.grad_votes.data());
-      carry(w, g);
-      win.pose_and_weight_gradients(call.poses_of(w), s.grad_votes.data(), call.weight, grad_m + w * C * H,
-                                    sums.weight_of(stripe));
-      if (t - 1 > 0) logits_sweep_body(w, t - 1, s);
+    sums.sweep(make_scratch, [&](int64_t w, int64_t stripe, WindowScratch<T, P>& s) {
+      start_window(w, s);
+      responsibilities(w, t, normaliser_of(w, t), s);  // R of t again, and s.parents the state of t - 1
+      win.e_step_backward(s.votes.data(), s.responsibilities.data(), grad_R.data() + w * C * J, totals.data() + w * C,
+                          s.parents, s.cotangents, s.grad_votes.data());
+      m_step_part(w, t - 1, s, stripe);
+      finish_window(w, s, stripe);
     });
-    if (t - 1 > 0) call.group_normalisers(normaliser.data());
   }
   sums.total(grad_weight, grad_beta_u, grad_beta_a);
 }
