@@ -101,18 +101,39 @@ struct Pose {
     for_each_index(f, std::make_index_sequence<P>{});
   }
 
-  // The product of poses x and y, entry (a, d) = sum_b x[a, b] y[b, d]: P multiply-adds of
-  // permuted lanes (x's columns spread along rows times y's rows repeated down), added to acc.
-  static FASTCAPS_INLINE vec multiply_add(const vec& x, const vec& y, vec acc) {
-    for_each_index([&](auto b) { acc += permute<Column<b>>(x) * permute<Row<b>>(y); });
+  // x's part of the products below, formed once for every y it multiplies: P permutations. (A
+  // plain array: a vector typedef as a template argument, std::array<vec, P>, loses its vector
+  // attribute.)
+  struct Factors {
+    vec part[P];
+    FASTCAPS_INLINE vec& operator[](int64_t k) { return part[k]; }
+    FASTCAPS_INLINE const vec& operator[](int64_t k) const { return part[k]; }
+  };
+  // For x y: x's column b spread along each row (entry (a, d) = x[a, b]).
+  static FASTCAPS_INLINE Factors columns(const vec& x) {
+    Factors f;
+    for_each_index([&](auto b) { f[b] = permute<Column<b>>(x); });
+    return f;
+  }
+  // For x^T y: x's row a laid down each column (entry (b, d) = x[a, b]).
+  static FASTCAPS_INLINE Factors rows_as_columns(const vec& x) {
+    Factors f;
+    for_each_index([&](auto a) { f[a] = permute<RowAsColumn<a>>(x); });
+    return f;
+  }
+
+  // acc + x y, entry (a, d) = sum_b x[a, b] y[b, d], x given by columns(x): P multiply-adds of
+  // those and y's rows repeated down.
+  static FASTCAPS_INLINE vec multiply_add(const Factors& x, const vec& y, vec acc) {
+    for_each_index([&](auto b) { acc += x[b] * permute<Row<b>>(y); });
     return acc;
   }
-  // x^T y added to acc, entry (b, d) = sum_a x[a, b] y[a, d].
-  static FASTCAPS_INLINE vec transpose_multiply_add(const vec& x, const vec& y, vec acc) {
-    for_each_index([&](auto a) { acc += permute<RowAsColumn<a>>(x) * permute<Row<a>>(y); });
+  // acc + x^T y, entry (b, d) = sum_a x[a, b] y[a, d], x given by rows_as_columns(x).
+  static FASTCAPS_INLINE vec transpose_multiply_add(const Factors& x, const vec& y, vec acc) {
+    for_each_index([&](auto a) { acc += x[a] * permute<Row<a>>(y); });
     return acc;
   }
-  // x y^T added to acc, entry (a, b) = sum_d x[a, d] y[b, d].
+  // acc + x y^T, entry (a, b) = sum_d x[a, d] y[b, d].
   static FASTCAPS_INLINE vec multiply_transpose_add(const vec& x, const vec& y, vec acc) {
     for_each_index([&](auto d) { acc += permute<Column<d>>(x) * permute<Transposed<d>>(y); });
     return acc;

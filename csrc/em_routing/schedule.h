@@ -120,7 +120,7 @@ struct WindowScratch {
   WindowScratch(int64_t children, int64_t out_caps, bool backward)
       : votes(children * out_caps), grad_votes(backward ? children * out_caps : 0), logits(children * out_caps),
         responsibilities(children * out_caps), grad_R(backward ? children * out_caps : 0), normaliser(children),
-        totals(children), row(out_caps), parents(out_caps), step(out_caps), cotangents(out_caps) {}
+        totals(children), row(out_caps), parents(out_caps), step(children, out_caps), cotangents(out_caps) {}
 };
 
 template <typename T, int64_t P>
@@ -235,18 +235,23 @@ void em_backward_kernel(const EMCall<T, P>& call, const T* grad_mu, const T* gra
   std::fill(grad_m, grad_m + N * C * H, T(0));
   std::fill(grad_acts, grad_acts + N * C, T(0));
 
-  // R of iteration t at window w into s.responsibilities: the initial, or the E-step from the
-  // saved state of t - 1 with the slots' normalisers (per window: their own logsumexp).
-  auto responsibilities = [&](int64_t w, int64_t t, const T* group_normaliser, WindowScratch<T, P>& s) {
+  // Per child, from a first sweep: slot c's logits and normaliser of iteration t >= 1 at window w,
+  // from the saved states, at [((t - 1) N + w) C (J)] (the normalisers summed over each child's
+  // slots once for every iteration).
+  const bool per_child = call.per_child();
+  std::vector<T> saved_logits(per_child ? last * N * C * J : 0), normalisers(per_child ? last * N * C : 0);
+  auto saved_logits_of = [&](int64_t w, int64_t t) { return saved_logits.data() + ((t - 1) * N + w) * C * J; };
+  auto normaliser_of = [&](int64_t w, int64_t t) { return normalisers.data() + ((t - 1) * N + w) * C; };
+  // R of iteration t at window w into s.responsibilities, and s.parents the state of t - 1 it
+  // came from (t >= 1): the initial R, or the E-step (per window: from the logits again).
+  auto responsibilities = [&](int64_t w, int64_t t, WindowScratch<T, P>& s) {
     T* R = s.responsibilities.data();
     if (t == 0) return call.initial(w, counts, R);
     s.parents.load(state + call.state_row(w, t - 1), J);
+    if (per_child) return win.responsibilities(saved_logits_of(w, t), normaliser_of(w, t), R);
     win.logits(s.votes.data(), s.parents, s.logits.data());
-    if (group_normaliser == nullptr) {
-      win.slot_normalisers(s.logits.data(), s.normaliser.data(), s.row.data());
-      group_normaliser = s.normaliser.data();
-    }
-    win.responsibilities(s.logits.data(), group_normaliser, R);
+    win.slot_normalisers(s.logits.data(), s.normaliser.data(), s.row.data());
+    win.responsibilities(s.logits.data(), s.normaliser.data(), R);
   };
   // The M-step of iteration t at window w on s.responsibilities and its adjoint, from the
   // cotangents in s.cotangents (for t = last: the outputs'); grad R into s.grad_R.
@@ -277,7 +282,7 @@ void em_backward_kernel(const EMCall<T, P>& call, const T* grad_mu, const T* gra
     sums.sweep(make_scratch, [&](int64_t w, int64_t stripe, WindowScratch<T, P>& s) {
       start_window(w, s);
       for (int64_t t = last; t >= 0; --t) {
-        responsibilities(w, t, nullptr, s);
+        responsibilities(w, t, s);
         m_step_and_adjoint(w, t, s, stripe);
         if (t == 0 || detach) break;
         win.slot_totals(s.responsibilities.data(), s.grad_R.data(), s.totals.data());
@@ -290,26 +295,24 @@ void em_backward_kernel(const EMCall<T, P>& call, const T* grad_mu, const T* gra
     return;
   }
 
-  // Per child. normalisers[(t - 1) N C + w C + c]: slot c's normaliser of iteration t >= 1, from
-  // the saved states, summed over each child's slots once for all iterations. Between sweeps,
-  // per window: grad R of the M-step just taken, and the slots' totals of grad R R.
-  std::vector<T> normalisers(std::max<int64_t>(last, 1) * N * C), grad_R(N * C * J), totals(N * C);
+  // Per child. Between sweeps, per window: grad R of the M-step just taken, and the slots' totals
+  // of grad R R.
+  std::vector<T> grad_R(N * C * J), totals(N * C);
   const int64_t first_iteration = detach ? last : 1;  // with detach, only the last M-step's R is needed
   if (last > 0) {
     parallel_items(N, [&] { return scratch_for(call, false); }, [&](int64_t w, WindowScratch<T, P>& s) {
       win.form_votes(call.poses_of(w), s.votes.data());
       for (int64_t t = first_iteration; t <= last; ++t) {
         s.parents.load(state + call.state_row(w, t - 1), J);
-        win.logits(s.votes.data(), s.parents, s.logits.data());
-        win.slot_normalisers(s.logits.data(), normalisers.data() + ((t - 1) * N + w) * C, s.row.data());
+        win.logits(s.votes.data(), s.parents, saved_logits_of(w, t));
+        win.slot_normalisers(saved_logits_of(w, t), normaliser_of(w, t), s.row.data());
       }
     });
-    for (int64_t t = first_iteration; t <= last; ++t) call.group_normalisers(normalisers.data() + (t - 1) * N * C);
+    for (int64_t t = first_iteration; t <= last; ++t) call.group_normalisers(normaliser_of(0, t));
   }
-  auto normaliser_of = [&](int64_t w, int64_t t) { return normalisers.data() + ((t - 1) * N + w) * C; };
   // The M-step of t at window w and its adjoint; its grad R and totals kept for the E-step adjoint.
   auto m_step_part = [&](int64_t w, int64_t t, WindowScratch<T, P>& s, int64_t stripe) {
-    responsibilities(w, t, t > 0 ? normaliser_of(w, t) : nullptr, s);
+    responsibilities(w, t, s);
     m_step_and_adjoint(w, t, s, stripe);
     std::copy(s.grad_R.begin(), s.grad_R.end(), grad_R.begin() + w * C * J);
     win.slot_totals(s.responsibilities.data(), s.grad_R.data(), totals.data() + w * C);
@@ -323,7 +326,7 @@ void em_backward_kernel(const EMCall<T, P>& call, const T* grad_mu, const T* gra
     call.group_totals(totals.data());
     sums.sweep(make_scratch, [&](int64_t w, int64_t stripe, WindowScratch<T, P>& s) {
       start_window(w, s);
-      responsibilities(w, t, normaliser_of(w, t), s);  // R of t again, and s.parents the state of t - 1
+      responsibilities(w, t, s);  // R of t again, and s.parents the state of t - 1
       win.e_step_backward(s.votes.data(), s.responsibilities.data(), grad_R.data() + w * C * J, totals.data() + w * C,
                           s.parents, s.cotangents, s.grad_votes.data());
       m_step_part(w, t - 1, s, stripe);

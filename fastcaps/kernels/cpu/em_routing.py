@@ -24,8 +24,8 @@ from torch import Tensor
 from .. import compute_dtype, row_chunks
 from ..em_layer import EMKernels, EMLayer, Gradients, Options, cotangent_rows, outputs
 
-# Gathered children (and, per child, the responsibilities, their cotangents and logits the
-# kernels keep between sweeps) held at once: 2^22 values per chunk, or one sample's.
+# Gathered children (and, per child, the logits and cotangents of R the kernels keep between
+# sweeps) held at once: 2^22 values per chunk, or one sample's.
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -48,7 +48,10 @@ class _Launch:
 
     def chunks(self) -> List[slice]:
         layer = self.layer
-        per_window = layer.children * (layer.entries + (3 * layer.out_caps if layer.child_index is not None else 0))
+        # per child, the kernels keep per slot and parent the logits of every iteration but the first
+        # and grad R (backward), or the next logits (forward): r + 1 values at most
+        kept = (len(self.lambdas) + 1) * layer.out_caps if layer.child_index is not None else 0
+        per_window = layer.children * (layer.entries + kept)
         return list(row_chunks(layer.batch, layer.windows * per_window, _CHUNK_ELEMENTS))
 
     def gathered(self, rows: slice):

@@ -147,9 +147,13 @@ def add_parser(commands) -> None:
     parser.add_argument("--full", action="store_true", help="the full method and grid (see above)")
     parser.add_argument("--case", action="append", choices=list(bench.CASES),
                         help="repeatable; default: mnist. conv: ConvCaps2d, 32 x 8D on 14 x 14, K = 3, padding 1, "
-                             "32 x 16D; votes: route_votes of 49 x 288 votes for 32 x 16D (both opt-in)")
+                             "32 x 16D; votes: route_votes of 49 x 288 votes for 32 x 16D; em, em-stride1, "
+                             "em-class: the EM paper's ConvCaps1 (32 x 4x4 on 14 x 14, K = 3, stride 2), ConvCaps2 "
+                             "(on 6 x 6, stride 1), class capsules (32 x 4x4 on 4 x 4 to 5, coordinate addition) "
+                             "(all opt-in)")
     parser.add_argument("--batch", action="append", type=int,
-                        help="repeatable; default: 1, 128 (--full: 1, 32, 128); conv and votes: 1, 8")
+                        help="repeatable; default: 1, 128 (--full: 1, 32, 128); conv and votes: 1, 8; "
+                             "em cases: 1, 8, 32")
     parser.add_argument("--iterations", action="append", type=int, help="repeatable; default: 3")
     parser.add_argument("--mode", action="append", choices=bench.MODES, help="repeatable; default: both")
     parser.add_argument("--provider", action="append",

@@ -59,9 +59,14 @@ CASES: Dict[str, object] = {
     "votes": VotesShape(1, 49, 288, 32, 16),
     # the EM paper's ConvCaps1 on smallNORB: 32 types of 4x4 poses on 14 x 14, K = 3, stride 2, 32 types out
     "em": EMShape(1, 32, 32, (14, 14), 4, (3, 3), (2, 2)),
+    # its ConvCaps2: 32 types on 6 x 6, K = 3, stride 1, 32 types out (4 x 4 windows)
+    "em-stride1": EMShape(1, 32, 32, (6, 6), 4, (3, 3), (1, 1)),
+    # its class capsules: 32 types on 4 x 4 to smallNORB's 5 classes, with coordinate addition
+    "em-class": EMShape(1, 32, 5, (4, 4), 4, coordinate_addition=True),
 }
 # The batches of a case when --batch is not given, where the method's (up to 128) would not fit.
-CASE_BATCHES: Dict[str, List[int]] = {"conv": [1, 8], "votes": [1, 8], "em": [1, 8, 32]}
+CASE_BATCHES: Dict[str, List[int]] = {"conv": [1, 8], "votes": [1, 8], "em": [1, 8, 32], "em-stride1": [1, 8, 32],
+                                      "em-class": [1, 8, 32]}
 
 
 @dataclass(frozen=True)

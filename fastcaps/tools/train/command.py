@@ -23,13 +23,13 @@ def add_parser(commands) -> None:
     parser.add_argument("--model", choices=list(MODELS), default=defaults.model,
                         help="capsnet: the paper's; conv: with a ConvCaps2d layer (16 x 12D, 3x3, padding 1) "
                              "between PrimaryCaps and DigitCaps; em: MatrixCapsNet (EM routing, spread loss)")
-    parser.add_argument("--epochs", type=int, help="default: 30; 18 with --model em")
+    parser.add_argument("--epochs", type=int, help="default: 30; 40 with --model em")
     parser.add_argument("--batch-size", type=int,
                         help="the global batch, split over torchrun's processes (default: 32)")
     parser.add_argument("--lr", type=float, help="Adam's initial learning rate (default: 1e-3; 3e-3 with --model em)")
     parser.add_argument("--lr-decay", type=float,
                         help="learning rate x lr_decay every --lr-decay-steps steps, continuously (default: 0.96 "
-                             "every 2000)")
+                             "every 2000; 0.9 every 100 with --model em)")
     parser.add_argument("--lr-decay-steps", type=int)
     parser.add_argument("--max-shift", type=int, default=defaults.max_shift,
                         help="random shifts of up to this many pixels (0: none)")
