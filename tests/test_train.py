@@ -197,7 +197,8 @@ def test_the_em_model_trains_resumes_and_steps_the_spread_margin(tmp_path):
                                     **EM_TINY))
     assert _without_seconds(resumed) == _without_seconds(uninterrupted)
     assert not (tmp_path / "full" / "reconstructions.png").exists() and (tmp_path / "full" / "curves.png").exists()
-    assert (T.TrainConfig(model="em").iterations, T.TrainConfig(model="em").epochs) == (2, 18)
+    em = T.TrainConfig(model="em")
+    assert (em.iterations, em.epochs, em.lr, em.lr_decay, em.lr_decay_steps) == (2, 40, 3e-3, 0.9, 100)
     assert (T.TrainConfig().iterations, T.TrainConfig(iterations=1).iterations, T.TrainConfig().lr) == (3, 1, 1e-3)
 
 
