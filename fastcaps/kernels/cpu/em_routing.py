@@ -44,7 +44,6 @@ class _Launch:
         self.child_index = (torch.empty(0, dtype=torch.long) if index is None else index.contiguous())
         self.child_range = layer.child_count + 1 if index is not None else 0
         self.lambdas = [float(x) for x in lambdas]
-        self.options = options
 
     def chunks(self) -> List[slice]:
         layer = self.layer
