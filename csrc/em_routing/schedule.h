@@ -10,11 +10,12 @@
 // windows (`group_normalisers`, `group_totals`: per sample, slots in order). Forward: one sweep
 // per iteration; it forms the votes, takes R from the logits the sweep before left (C x J per
 // window) and the normalisers summed between, runs the M-step and leaves the next logits. The
-// backward first takes every iteration's normalisers from the saved states (one sweep), then one
-// sweep for the last M-step and its adjoint, and one per earlier iteration t for the adjoint of
-// the E-step of t + 1 followed by the M-step of t and its adjoint (the E-step adjoint needs the
-// children's totals of grad R R, summed between sweeps). So the votes are formed r times in the
-// forward and r + 1 times in the backward, against once each per window.
+// backward first takes every iteration's logits and normalisers from the saved states (one sweep;
+// the logits, (r - 1) C J per window, are kept), then one sweep for the last M-step and its
+// adjoint, and one per earlier iteration t for the adjoint of the E-step of t + 1 followed by the
+// M-step of t and its adjoint (the E-step adjoint needs the children's totals of grad R R, summed
+// between sweeps). So the votes are formed r times in the forward and r + 1 times in the
+// backward, against once each per window.
 //
 // Determinism: every window is computed by one thread in a fixed order. grad W and grad beta
 // are summed per stripe (a fixed range of windows, kStripes of them whatever the thread
@@ -123,6 +124,15 @@ struct WindowScratch {
         totals(children), row(out_caps), parents(out_caps), step(children, out_caps), cotangents(out_caps) {}
 };
 
+// The per-window E-step into s.responsibilities: R from `parents`, normalised over each slot's
+// parents (the window's logits and normalisers in s's buffers).
+template <typename T, int64_t P>
+void e_step_per_window(const EMWindow<T, P>& win, const Parents<T, P>& parents, WindowScratch<T, P>& s) {
+  win.logits(s.votes.data(), parents, s.logits.data());
+  win.slot_normalisers(s.logits.data(), s.normaliser.data(), s.row.data());
+  win.responsibilities(s.logits.data(), s.normaliser.data(), s.responsibilities.data());
+}
+
 template <typename T, int64_t P>
 WindowScratch<T, P> scratch_for(const EMCall<T, P>& call, bool backward) {
   return WindowScratch<T, P>(call.C(), call.J(), backward);
@@ -149,9 +159,7 @@ void em_forward_kernel(const EMCall<T, P>& call, T* out_mu, T* out_log_a, T* sta
         win.m_step(s.votes.data(), s.responsibilities.data(), call.activations_of(w), t, s.step);
         finish(w, t, s.step);
         if (t == last) break;
-        win.logits(s.votes.data(), s.step, s.logits.data());
-        win.slot_normalisers(s.logits.data(), s.normaliser.data(), s.row.data());
-        win.responsibilities(s.logits.data(), s.normaliser.data(), s.responsibilities.data());
+        e_step_per_window(win, s.step, s);
       }
     });
     return;
@@ -249,9 +257,7 @@ void em_backward_kernel(const EMCall<T, P>& call, const T* grad_mu, const T* gra
     if (t == 0) return call.initial(w, counts, R);
     s.parents.load(state + call.state_row(w, t - 1), J);
     if (per_child) return win.responsibilities(saved_logits_of(w, t), normaliser_of(w, t), R);
-    win.logits(s.votes.data(), s.parents, s.logits.data());
-    win.slot_normalisers(s.logits.data(), s.normaliser.data(), s.row.data());
-    win.responsibilities(s.logits.data(), s.normaliser.data(), R);
+    e_step_per_window(win, s.parents, s);
   };
   // The M-step of iteration t at window w on s.responsibilities and its adjoint, from the
   // cotangents in s.cotangents (for t = last: the outputs'); grad R into s.grad_R.
